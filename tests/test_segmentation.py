@@ -1,0 +1,128 @@
+"""Segmentation: the loss and decoding learn, the metrics are right, the tab draws."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dense.nn.unet import UNet
+from dense.tasks import segmentation as seg
+from dense.ui import segment as tab
+
+IGNORE = 3
+
+
+def synthetic_batch(n: int = 4, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose class is written in their colour: a square of class 1 or 2 on class 0,
+    with a void border (label IGNORE) the model must not be scored on."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.zeros(n, 3, size, size)
+    labels = torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        y, x = torch.randint(2, size - 14, (2,), generator=gen).tolist()
+        cls = 1 + i % 2
+        images[i, cls - 1, y:y + 12, x:x + 12] = 1
+        labels[i, y:y + 12, x:x + 12] = cls
+    labels[:, :, :2] = IGNORE
+    images[:, 2, :, :2] = torch.rand(n, size, 2, generator=gen)  # noise under the void label
+    return images, labels
+
+
+def test_unet_overfits_a_few_synthetic_images_to_near_perfect_miou() -> None:
+    torch.manual_seed(0)
+    model = UNet(3, encoder="plain", encoder_channels=[8, 16, 32], decoder_channels=[16, 8],
+                 upsampler="pixelshuffle_icnr")
+    images, labels = synthetic_batch()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = seg.segmentation_loss(model(images), labels, ignore_index=IGNORE)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        pred = model(images).argmax(1)
+    result = seg.scores(seg.confusion_matrix(pred, labels, 3), ["bg", "a", "b"])
+    assert result["miou"] > 0.95
+
+
+def test_loss_ignores_void_and_sums_over_pixels() -> None:
+    logits = torch.randn(2, 3, 4, 5)
+    target = torch.randint(0, 3, (2, 4, 5))
+    void = target.clone()
+    void[:, 0] = IGNORE
+    full = seg.segmentation_loss(logits, target, IGNORE)
+    per_pixel = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    torch.testing.assert_close(full, per_pixel.sum() / 2)
+    torch.testing.assert_close(seg.segmentation_loss(logits, void, IGNORE),
+                               per_pixel[:, 1:].sum() / 2)
+
+
+def test_miou_matches_a_hand_computation() -> None:
+    target = np.array([[0, 0, 1, 1], [0, 2, 2, 9]])  # 9 = void
+    pred = np.array([[0, 1, 1, 1], [0, 2, 0, 1]])
+    # class 0: tp 2, fp 1 (pred 0 at a 2), fn 1 (a 0 predicted 1) → IoU 2/4
+    # class 1: tp 2, fp 1, fn 0 → 2/3;  class 2: tp 1, fp 0, fn 1 → 1/2
+    result = seg.scores(seg.confusion_matrix(pred, target, 3), ["a", "b", "c"])
+    assert result["per_class"] == pytest.approx({"a": 0.5, "b": 2 / 3, "c": 0.5})
+    assert result["miou"] == pytest.approx((0.5 + 2 / 3 + 0.5) / 3)
+    assert result["pixel_accuracy"] == pytest.approx(5 / 7)
+
+
+def test_class_weights_favour_rare_classes() -> None:
+    labels = [np.array([[0, 0, 0, 1], [0, 0, 0, 9]])]
+    weights = seg.class_weights(labels, 2)
+    assert weights[1] > weights[0] > 0
+
+
+def test_eval_cli_prints_json_last(tmp_path) -> None:
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        Image.fromarray(np.full((40, 48), 1, np.uint8)).save(labels / f"{i}.png")
+    out = subprocess.run([sys.executable, "-m", "dense", "eval", "seg", "--model", "selfie-seg",
+                          "--images", str(images), "--labels", str(labels), "--device", "cpu"],
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0 <= result["miou"] <= 1 and set(result["per_class"]) == {"background", "person"}
+
+
+@pytest.mark.parametrize("model_id", tab.segment_models())
+def test_tab_returns_overlay_legend_and_mask_for_a_real_photo(model_id: str) -> None:
+    result, overlay, annotated, legend, mask_path, overlay_path = tab.segment(
+        "examples/astronaut.png", model_id, 0.5)
+    height, width = result.rgb.shape[:2]
+    assert overlay.shape == (height, width, 3)
+    assert "<table>" in legend and "%" in legend
+    mask = Image.open(mask_path)
+    assert mask.mode == "P" and mask.size == (width, height)
+    assert set(np.unique(np.asarray(mask))) <= set(range(len(result.segmentation.class_names)))
+    assert Image.open(overlay_path).size == (width, height)
+    # Changing opacity redraws from the stored result without the model.
+    again = tab.render(result, 1.0)[0]
+    assert again.shape == overlay.shape and not np.array_equal(again, overlay)
+
+
+def test_person_model_finds_the_astronaut() -> None:
+    result = tab.run("examples/astronaut.png", "selfie-seg")
+    shares = {e["class"]: e["share"] for e in seg.legend(result.segmentation)}
+    assert 0.2 < shares["person"] < 0.9
+
+
+def test_palette_png_round_trips_class_indices() -> None:
+    labels = np.array([[0, 1], [2, 1]], np.uint8)
+    s = seg.Segmentation(labels, np.ones((2, 2), np.float32), ["a", "b", "c"],
+                         np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8))
+    back = Image.open(io.BytesIO(seg.palette_png(s)))
+    assert np.array_equal(np.asarray(back), labels)
+    assert back.getpalette()[3:6] == [255, 0, 0]
