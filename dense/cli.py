@@ -19,6 +19,8 @@ from dense import zoo
 TASK_MODULES = (
     "dense.tasks.classification",
     "dense.tasks.segmentation",
+    "dense.tasks.restoration",
+    "dense.tasks.pose",
 )
 
 

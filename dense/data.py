@@ -1,4 +1,4 @@
-"""Where training and benchmark data live: ``DENSE_DATA``, else ``../shared/data`` beside the repo."""
+"""Where training and benchmark data live: ``DENSE_DATA``, else ``../shared/data``."""
 
 from __future__ import annotations
 

@@ -126,3 +126,16 @@ def test_palette_png_round_trips_class_indices() -> None:
     back = Image.open(io.BytesIO(seg.palette_png(s)))
     assert np.array_equal(np.asarray(back), labels)
     assert back.getpalette()[3:6] == [255, 0, 0]
+
+
+def test_predict_cli_writes_masks_and_overlays_and_reports_bad_files(tmp_path) -> None:
+    bad = tmp_path / "empty.png"
+    bad.write_bytes(b"")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "dense", "predict", "seg", "--model",
+                             "selfie-seg", "examples/astronaut.png", str(bad), "--out", str(out),
+                             "--device", "cpu"], capture_output=True, text=True)
+    assert result.returncode == 1 and "empty.png" in result.stderr
+    mask = Image.open(out / "astronaut_mask.png")
+    assert mask.mode == "P" and mask.size == (512, 512)
+    assert Image.open(out / "astronaut_overlay.png").size == (512, 512)

@@ -40,7 +40,7 @@ def pair_files(images: Path, labels: Path) -> list[tuple[Path, Path]]:
     pairs = [(p, by_stem[p.stem]) for p in sorted(images.iterdir())
              if p.suffix.lower() in IMAGE_SUFFIXES and p.stem in by_stem]
     if not pairs:
-        raise FileNotFoundError(f"no image/label pairs with matching names in {images} and {labels}")
+        raise FileNotFoundError(f"no image/label pairs with matching names in {images}, {labels}")
     return pairs
 
 
@@ -161,7 +161,8 @@ def predict(model: nn.Module, rgb: np.ndarray) -> Segmentation:
         out = F.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)
     out = out[0]
     if out.shape[0] == 1:  # one-class models (selfie-seg) give a probability unless told
-        person = out[0] if config.get("output", "probability") == "probability" else out[0].sigmoid()
+        logits = config.get("output", "probability") != "probability"
+        person = out[0].sigmoid() if logits else out[0]
         labels = (person > 0.5).to(torch.uint8)
         probs = torch.where(labels.bool(), person, 1 - person)
     else:
@@ -316,6 +317,44 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from dense.images import ImageError, save_png
+    from dense.zoo import load
+
+    model = load(args.model, device=args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in tqdm(args.images, desc=f"segmenting with {args.model}", unit="image"):
+        try:
+            decoded = read_image(path)
+        except ImageError as err:
+            tqdm.write(f"error: {path}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        result = predict(model, decoded.rgb)
+        (args.out / f"{path.stem}_mask.png").write_bytes(palette_png(result))
+        save_png(overlay(decoded.rgb, result, args.opacity, decoded.alpha),
+                 args.out / f"{path.stem}_overlay.png")
+        if args.legend:
+            tqdm.write(json.dumps({"image": str(path), "classes": legend(result)}))
+    print(f"wrote {len(args.images) - failed} masks and overlays to {args.out}"
+          + (f"; {failed} image(s) failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("seg", help="masks (palette PNG) and overlays for images")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--model", default="unet-camvid", help="a segmentation model id")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--opacity", type=float, default=0.5)
+    p.add_argument("--legend", action="store_true", help="print each image's class shares")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_predict)
+
+
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("seg", help="segmentation U-Net from a config "
                                           "(e.g. configs/unet-camvid.toml)")
@@ -333,3 +372,137 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=Path, required=True)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_eval)
+
+
+# ---------------------------------------------------------------------------------------------
+# From a training run to a bundled model folder
+
+
+def count_flops(model: nn.Module, size: tuple[int, int]) -> int:
+    """Floating-point operations (multiply and add counted separately) of one forward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.rand(1, 3, *size))
+    return counter.get_total_flops()
+
+
+def export_run(run_dir: Path, out_dir: Path, data_root: Path, log=print) -> Path:
+    """Write the best checkpoint of a run as a model folder (fp16 weights), then measure the
+    bundled model itself on the validation set, and write its card with those figures."""
+    import shutil
+    import statistics
+    import time
+
+    from dense.zoo import load, save_folder
+
+    run_config = json.loads((run_dir / "config.json").read_text())
+    root = data_root / run_config["data"]
+    meta = _classes(root)
+    arch_args = {k: v for k, v in run_config["model"].items() if k != "encoder_weights"}
+    arch_args["out_channels"] = len(meta["classes"])
+    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in best["model"].items()}
+    config = {
+        "id": run_config["id"], "task": "segmentation", "architecture": "unet",
+        "arch_args": arch_args, "labels": meta["classes"], "colors": meta["colors"],
+        "ignore_index": meta["void_label"],
+        "input": {"layout": "NCHW", "colour": "RGB", "range": [0, 1],
+                  "trained_size": [360, 480], "any_size": True},
+        "licence": "CC-BY-NC-4.0",
+        "training": {"config": run_config, "best_epoch": best["epoch"]},
+    }
+    save_folder(out_dir, state, config, "pending")
+    model = load(str(out_dir), device="cpu")
+    val = evaluate_folder(model, pair_files(root / "val/images", root / "val/labels"))
+    x = torch.rand(1, 3, 360, 480)
+    times = []
+    with torch.inference_mode():
+        for i in range(13):
+            start = time.perf_counter()
+            model(x)
+            if i >= 3:
+                times.append((time.perf_counter() - start) * 1000)
+    params = sum(p.numel() for p in model.parameters())
+    flops = count_flops(model, (360, 480))
+    metrics = {"val_miou": round(val["miou"], 4), "val_pixel_accuracy":
+               round(val["pixel_accuracy"], 4), "val_per_class_iou": val["per_class"],
+               "params": params, "gflops_360x480": round(flops / 1e9, 2),
+               "cpu_latency_ms_360x480": round(statistics.median(times), 1),
+               "cpu_threads": torch.get_num_threads()}
+    config["metrics"] = metrics
+    if (run_dir / "curves.png").is_file():
+        shutil.copy(run_dir / "curves.png", out_dir / "curves.png")
+    save_folder(out_dir, state, config, _camvid_card(config, metrics))
+    log(json.dumps(metrics))
+    return out_dir
+
+
+def _camvid_card(config: dict, m: dict) -> str:
+    rows = "\n".join(f"| {name} | {iou:.3f} |" for name, iou in m["val_per_class_iou"].items())
+    train = config["training"]["config"]["train"]
+    return f"""---
+license: cc-by-nc-4.0
+library_name: dense
+tags: [semantic-segmentation, unet, camvid, efficientnet-lite]
+datasets: [camvid]
+---
+# {config['id']}
+
+**Task:** semantic segmentation of street scenes, 11 CamVid classes
+({', '.join(config['labels'])}); void (label {config['ignore_index']}) is ignored.
+
+**Architecture:** U-Net (`dense.nn.unet.UNet`) with an EfficientNet-Lite0 encoder initialised from
+its ImageNet weights (bundled `efficientnet-lite0`), decoder channels
+{config['arch_args']['decoder_channels']}, `{config['arch_args']['upsampler']}` upsampling, skip
+connections concatenated. {m['params'] / 1e6:.2f} M parameters, {m['gflops_360x480']} GFLOPs at
+360×480. Weights stored in fp16 (the loader computes in fp32 on CPU).
+
+**Input:** N×3×H×W RGB in [0, 1], any size (trained at 360×480). **Output:** N×11×H×W logits.
+
+**Training:** `dense train seg configs/unet-camvid.toml` on CamVid train (367 images):
+per-pixel cross-entropy summed over pixels with ENet class weights, AdamW lr {train['lr']},
+cosine schedule, {train['epochs']} epochs of batch {train['batch_size']} random
+{train['crop'][0]}×{train['crop'][1]} crops (scale jitter {train['scale']}, flips, colour
+jitter); best epoch by val mIoU: {config['training']['best_epoch']}. Curves: `curves.png`.
+
+**Measured** on CamVid val (101 images, 360×480), this bundled file:
+`dense eval seg --model unet-camvid --images $DENSE_DATA/seg/camvid/val/images --labels
+$DENSE_DATA/seg/camvid/val/labels`
+
+- mIoU **{m['val_miou']:.3f}**, pixel accuracy {m['val_pixel_accuracy']:.3f}
+- CPU latency at 360×480, batch 1: {m['cpu_latency_ms_360x480']} ms (median of 10,
+  {m['cpu_threads']} threads)
+
+| class | IoU |
+| --- | --- |
+{rows}
+
+For scale, published CamVid *test* mIoU (11 classes): SegNet 46.4, ENet 51.3, BiSeNetV1
+(ResNet-18) 68.7, BiSeNetV2 72.4. Our figure is on *val*, which is not the same split.
+
+**Licence:** CamVid (Brostow et al.) is CC BY-NC 4.0: these weights are for **non-commercial use
+only**. EfficientNet-Lite0 initialisation: Apache-2.0 (© Google LLC).
+"""
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dense.data import data_root
+
+    root = args.data or data_root()
+    if root is None:
+        print("error: no data folder: pass --data or set DENSE_DATA", file=sys.stderr)
+        return 2
+    run_config = json.loads((args.run_dir / "config.json").read_text())
+    export_run(args.run_dir, args.out or Path("weights") / run_config["id"], Path(root))
+    return 0
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("seg", help="a segmentation training run → a model folder, "
+                                          "measured on val, with its card")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, help="model folder (default weights/<id>)")
+    p.add_argument("--data", type=Path, help="data root (default DENSE_DATA or ../shared/data)")
+    p.set_defaults(func=_export)

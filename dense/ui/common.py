@@ -56,7 +56,7 @@ def models_for(task: str) -> list[str]:
 def decode(image: Any) -> DecodedImage:
     """Decode whatever a Gradio image input gave (path, PIL, array); bad input → gr.Error."""
     if image is None:
-        raise gr.Error("Please give an image first: upload one, use the webcam or click an example.")
+        raise gr.Error("Please give an image first: upload one, use the webcam or an example.")
     try:
         return read_image(image)
     except ImageError as err:

@@ -35,6 +35,7 @@ def build() -> None:
         "`dense.load('id')`, a folder, or a Hub repo `org/name@revision`."
     )
     gr.Dataframe(value=rows, headers=COLUMNS, interactive=False, wrap=True)
-    choice = gr.Dropdown([r[0] for r in rows], label="Model card", value=rows[0][0] if rows else None)
+    first = rows[0][0] if rows else None
+    choice = gr.Dropdown([r[0] for r in rows], label="Model card", value=first)
     text = gr.Markdown(card(rows[0][0]) if rows else "")
     choice.change(card, choice, text)

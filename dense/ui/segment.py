@@ -30,7 +30,9 @@ class Result:
 
 def segment_models() -> list[str]:
     found = common.models_for("segmentation")
-    return sorted(found, key=lambda m: (PREFERRED.index(m) if m in PREFERRED else len(PREFERRED), m))
+    def rank(m: str) -> tuple[int, str]:
+        return (PREFERRED.index(m) if m in PREFERRED else len(PREFERRED), m)
+    return sorted(found, key=rank)
 
 
 def run(image: Any, model_id: str) -> Result:

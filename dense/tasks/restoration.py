@@ -1,0 +1,977 @@
+"""Image restoration: super-resolution (×2, ×4) and deblurring.
+
+Everything about the task lives here:
+
+- the degradations: MATLAB's bicubic ``imresize`` (the standard SR protocol), blur kernels
+  (synthesised motion trajectories, Gaussians, and the kernel banks in the data folder) and mild
+  noise;
+- the metrics: PSNR and SSIM on the Y channel (ITU-R BT.601), as in the SR papers' MATLAB code;
+- running a model on a large image in overlapping tiles, with an out-of-memory fallback;
+- training (an L2 loop through ``dense.train.fit`` and a GAN loop) and the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dense.devices import inference, model_device
+from dense.images import ImageError, read_image, save_png
+
+log = logging.getLogger(__name__)
+
+SR_TASK = "super-resolution"
+DEBLUR_TASK = "deblurring"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+MIN_TILE = 32  # below this, halving the tile size on out-of-memory is no longer worth it
+
+
+# ---------------------------------------------------------------------------------------------
+# MATLAB imresize (bicubic, antialiased)
+#
+# Hand-written because no library reproduces it: cv2/torch/Pillow bicubic use a = -0.75 or do
+# not widen the kernel when downscaling, and SR benchmarks' LR images were made with MATLAB.
+# The algorithm (imresize.m): for every output pixel, cubic weights (a = -0.5) centred on its
+# source position, the kernel stretched by 1/scale when downscaling (antialiasing), indices
+# outside the image mirrored ("symmetric" padding); one 1-D pass per dimension, rows first.
+
+
+def _cubic(x: np.ndarray) -> np.ndarray:
+    """Keys' cubic convolution kernel with a = -0.5 (MATLAB's ``cubic``)."""
+    a = np.abs(x)
+    a2, a3 = a * a, a * a * a
+    return ((1.5 * a3 - 2.5 * a2 + 1) * (a <= 1)
+            + (-0.5 * a3 + 2.5 * a2 - 4 * a + 2) * ((a > 1) & (a <= 2)))
+
+
+@lru_cache(maxsize=64)
+def resize_matrix(in_length: int, out_length: int, scale: float) -> np.ndarray:
+    """The out_length × in_length matrix of MATLAB's bicubic resize along one dimension."""
+    width = 4.0
+    antialias = scale < 1
+    if antialias:
+        width /= scale
+    x = np.arange(1, out_length + 1, dtype=np.float64)
+    u = x / scale + 0.5 * (1 - 1 / scale)  # source position (1-based) of each output pixel
+    left = np.floor(u - width / 2)
+    taps = int(math.ceil(width)) + 2
+    indices = left[:, None] + np.arange(taps)[None, :]
+    distance = u[:, None] - indices
+    weights = scale * _cubic(distance * scale) if antialias else _cubic(distance)
+    weights /= weights.sum(axis=1, keepdims=True)
+    mirror = np.concatenate([np.arange(in_length), np.arange(in_length - 1, -1, -1)])
+    indices = mirror[np.mod(indices.astype(np.int64) - 1, 2 * in_length)]
+    matrix = np.zeros((out_length, in_length))
+    # add.at: near the borders several taps mirror onto the same source pixel.
+    np.add.at(matrix, (np.repeat(np.arange(out_length), taps), indices.ravel()), weights.ravel())
+    matrix.setflags(write=False)
+    return matrix
+
+
+def matlab_imresize(img: np.ndarray, scale: float) -> np.ndarray:
+    """MATLAB ``imresize(img, scale)`` with the default bicubic kernel and antialiasing.
+
+    ``img`` is H×W or H×W×C, uint8 or float. The output is ceil(H·scale)×ceil(W·scale). uint8
+    is rounded and clipped after *each* 1-D pass, as MATLAB does (its resize returns the input's
+    class): this matches the benchmark LR files about ten times better than rounding once.
+    Floats are not clipped and keep their dtype.
+    """
+    is_uint8 = img.dtype == np.uint8
+    height, width = img.shape[:2]
+    out_h, out_w = math.ceil(height * scale), math.ceil(width * scale)
+    x = img.astype(np.float64)
+    x = np.tensordot(resize_matrix(height, out_h, scale), x, axes=([1], [0]))
+    if is_uint8:
+        x = np.clip(np.round(x), 0, 255)
+    x = np.moveaxis(np.tensordot(resize_matrix(width, out_w, scale), x, axes=([1], [1])), 0, 1)
+    if is_uint8:
+        return np.clip(np.round(x), 0, 255).astype(np.uint8)
+    return x.astype(img.dtype)
+
+
+class BicubicUpscaler(nn.Module):
+    """The bicubic baseline as a model: MATLAB ``imresize`` upscaling on N×C×H×W tensors.
+
+    Lets ``--model bicubic`` go through the same code (tiling, metrics) as the networks.
+    """
+
+    def __init__(self, scale: int) -> None:
+        super().__init__()
+        self.scale = scale
+        self.config = {"id": "bicubic", "task": SR_TASK, "scale": scale,
+                       "architecture": "matlab_bicubic"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        rows = torch.tensor(resize_matrix(height, height * self.scale, float(self.scale)))
+        cols = torch.tensor(resize_matrix(width, width * self.scale, float(self.scale)))
+        rows, cols = rows.to(x), cols.to(x)
+        return torch.einsum("oh,nchw,pw->ncop", rows, x, cols)
+
+
+class Identity(nn.Module):
+    """The "do nothing" deblurring baseline: the blurred input scored as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = {"id": "identity", "task": DEBLUR_TASK, "scale": 1,
+                       "architecture": "identity"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def load_restorer(name: str, scale: int | None = None, device: str = "auto") -> nn.Module:
+    """A zoo model, or a baseline: ``bicubic`` (needs ``scale``) or ``identity``."""
+    if name == "bicubic":
+        if not scale:
+            raise ValueError("the bicubic baseline needs a scale")
+        return BicubicUpscaler(scale)
+    if name == "identity":
+        return Identity()
+    from dense.zoo import load
+
+    return load(name, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: PSNR and SSIM on Y (the SR papers' protocol)
+
+
+def rgb_to_y(img: np.ndarray) -> np.ndarray:
+    """Luma Y of ITU-R BT.601 in [16, 235], as MATLAB's ``rgb2ycbcr``; float64 H×W.
+
+    uint8 input is taken as [0, 255] and the result rounded, because MATLAB's ``rgb2ycbcr``
+    returns uint8 for uint8 input (the published numbers are computed on that rounded Y).
+    Float input is taken as [0, 1] and not rounded.
+    """
+    rgb = img.astype(np.float64)
+    if img.dtype == np.uint8:
+        rgb /= 255.0
+    y = 16.0 + rgb @ np.array([65.481, 128.553, 24.966])
+    return np.round(y) if img.dtype == np.uint8 else y
+
+
+def _crop_y(a: np.ndarray, b: np.ndarray, border: int) -> tuple[np.ndarray, np.ndarray]:
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
+    ya, yb = rgb_to_y(a), rgb_to_y(b)
+    if border:
+        ya, yb = ya[border:-border, border:-border], yb[border:-border, border:-border]
+    return ya, yb
+
+
+def psnr_y(a: np.ndarray, b: np.ndarray, border: int) -> float:
+    """PSNR in dB between the Y channels of two uint8 RGB images, ``border`` pixels cropped."""
+    ya, yb = _crop_y(a, b, border)
+    mse = float(np.mean((ya - yb) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def ssim_y(a: np.ndarray, b: np.ndarray, border: int) -> float:
+    """SSIM (Wang et al. 2004) between the Y channels of two uint8 RGB images.
+
+    As ``ssim_index.m``: 11×11 Gaussian window (σ = 1.5), 'valid' filtering, K = (0.01, 0.03),
+    L = 255, mean of the SSIM map. Border cropping first, as in the SR evaluation scripts.
+    """
+    ya, yb = _crop_y(a, b, border)
+    if min(ya.shape) < 11:
+        raise ValueError(f"SSIM needs at least 11×11 pixels after cropping, got {ya.shape}")
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    g = cv2.getGaussianKernel(11, 1.5)
+    window = g @ g.T
+
+    def blur(x: np.ndarray) -> np.ndarray:  # 'valid' filtering = filter, then drop 5 px a side
+        return cv2.filter2D(x, -1, window, borderType=cv2.BORDER_REFLECT)[5:-5, 5:-5]
+
+    mu_a, mu_b = blur(ya), blur(yb)
+    var_a = blur(ya * ya) - mu_a**2
+    var_b = blur(yb * yb) - mu_b**2
+    cov = blur(ya * yb) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+        (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(ssim_map.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Degradations
+
+
+def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
+    """Crop the bottom/right so both sides are multiples of ``scale`` (the HR convention)."""
+    height, width = img.shape[:2]
+    return img[: height - height % scale, : width - width % scale]
+
+
+def degrade_sr(hr: np.ndarray, scale: int) -> np.ndarray:
+    """The LR image of the SR protocol: MATLAB bicubic ÷``scale`` of ``mod_crop(hr, scale)``."""
+    return matlab_imresize(mod_crop(hr, scale), 1 / scale)
+
+
+def gaussian_kernel(size: int, sigma: float) -> np.ndarray:
+    """An isotropic Gaussian blur kernel, size×size, summing to 1."""
+    g = cv2.getGaussianKernel(size, sigma, cv2.CV_64F)
+    return (g @ g.T).astype(np.float32)
+
+
+def motion_kernel(rng: np.random.Generator, size: int = 25, steps: int = 64) -> np.ndarray:
+    """A random camera-shake kernel: a random walk with inertia (after Boracchi & Foi 2012),
+    scaled to a random length, centred, and splatted onto a size×size grid (bilinear)."""
+    velocity = rng.normal(size=2)
+    velocity /= np.linalg.norm(velocity) + 1e-8
+    points = np.zeros((steps, 2))
+    for i in range(1, steps):
+        # Inertia keeps the path smooth; occasional larger kicks make it curl like a real shake.
+        kick = rng.normal(scale=0.4 if rng.random() > 0.05 else 1.5, size=2)
+        velocity = 0.8 * velocity + kick
+        velocity /= np.linalg.norm(velocity) + 1e-8
+        points[i] = points[i - 1] + velocity
+    points -= points.mean(axis=0)
+    extent = np.abs(points).max() + 1e-8
+    length = rng.uniform(2.0, (size - 3) / 2)  # half-extent of the trajectory in pixels
+    points = points / extent * length + (size - 1) / 2
+    kernel = np.zeros((size, size), np.float64)
+    base = np.floor(points).astype(int)
+    frac = points - base
+    for dy in (0, 1):
+        for dx in (0, 1):
+            w = (frac[:, 0] if dy else 1 - frac[:, 0]) * (frac[:, 1] if dx else 1 - frac[:, 1])
+            np.add.at(kernel, (np.clip(base[:, 0] + dy, 0, size - 1),
+                               np.clip(base[:, 1] + dx, 0, size - 1)), w)
+    return (kernel / kernel.sum()).astype(np.float32)
+
+
+def load_kernels(path: str | Path) -> list[np.ndarray]:
+    """The kernels of an .npz bank (``arr_0``, ``arr_1``, …), in index order, each summing to 1."""
+    with np.load(path) as bank:
+        names = sorted(bank.files, key=lambda n: int(n.rsplit("_", 1)[-1]))
+        return [(bank[n] / bank[n].sum()).astype(np.float32) for n in names]
+
+
+def random_kernel(rng: np.random.Generator, bank: list[np.ndarray] | None = None,
+                  size: int = 25) -> np.ndarray:
+    """A training kernel: a third each synthesised motion, Gaussian, and from ``bank``."""
+    choice = rng.integers(3 if bank else 2)
+    if choice == 0:
+        return motion_kernel(rng, size)
+    if choice == 1:
+        return gaussian_kernel(size, rng.uniform(0.8, 3.0))
+    return bank[rng.integers(len(bank))]
+
+
+def degrade_blur(sharp: np.ndarray, kernel: np.ndarray, noise_sigma: float = 0.0,
+                 rng: np.random.Generator | None = None) -> np.ndarray:
+    """Convolve with ``kernel`` (reflected borders) and add Gaussian noise.
+
+    ``noise_sigma`` is in grey levels of 255 for uint8 and float input alike (float images are
+    in [0, 1], so it is divided by 255 there). uint8 in → uint8 out (rounded, clipped).
+    """
+    x = sharp.astype(np.float32)
+    # filter2D correlates; flipping the kernel makes it a true convolution (matters for
+    # asymmetric motion kernels).
+    blurred = cv2.filter2D(x, -1, np.ascontiguousarray(kernel[::-1, ::-1]),
+                           borderType=cv2.BORDER_REFLECT)
+    if blurred.ndim < sharp.ndim:
+        blurred = blurred[..., None]
+    if noise_sigma > 0:
+        rng = rng or np.random.default_rng()
+        unit = 1.0 if sharp.dtype == np.uint8 else 1 / 255
+        blurred = blurred + rng.normal(0, noise_sigma * unit, blurred.shape).astype(np.float32)
+    if sharp.dtype == np.uint8:
+        return np.clip(np.round(blurred), 0, 255).astype(np.uint8)
+    return blurred.astype(sharp.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a model: tiles, out-of-memory fallback
+
+
+def context_pixels(model: nn.Module, default: int = 16) -> int:
+    """Input pixels a tile needs on each side so its kept core equals the untiled result.
+
+    Exact for the ports whose receptive field is known: SRVGGNet has one 3×3 conv per pixel
+    of radius (num_conv + 2 of them), waifu2x upconv_7 needs 7. For deep networks (RRDBNet,
+    U-Nets) the receptive field is far larger than any practical overlap and ``default`` only
+    hides seams.
+    """
+    config = getattr(model, "config", {})
+    arch, args = config.get("architecture"), config.get("arch_args", {})
+    if arch == "srvgg":
+        return args.get("num_conv", 16) + 2
+    if arch == "waifu2x_upconv7":
+        return len(args.get("widths") or (0,) * 6) + 1
+    if arch == "matlab_bicubic":
+        return 2
+    return default
+
+
+def _tile_pass(model: nn.Module, x: torch.Tensor, scale: int, tile: int, overlap: int,
+               device: torch.device, progress: Callable[[float], None] | None) -> torch.Tensor:
+    """One pass over the tiles: each core tile is run with ``overlap`` pixels of context and
+    only its core is kept ("crop the overlap", as Real-ESRGAN's tile mode): exact wherever the
+    receptive field fits in the overlap, and no blending weights to get wrong."""
+    _, _, height, width = x.shape
+    starts = [(y, x0) for y in range(0, height, tile) for x0 in range(0, width, tile)]
+    out: torch.Tensor | None = None
+    for i, (y0, x0) in enumerate(starts):
+        y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
+        cy0, cx0 = max(y0 - overlap, 0), max(x0 - overlap, 0)
+        cy1, cx1 = min(y1 + overlap, height), min(x1 + overlap, width)
+        with inference(device):
+            result = model(x[..., cy0:cy1, cx0:cx1].to(device))
+        result = result.float().cpu()
+        if out is None:  # the output channels are known after the first tile
+            out = torch.empty(x.shape[0], result.shape[1], height * scale, width * scale)
+        oy, ox = (y0 - cy0) * scale, (x0 - cx0) * scale
+        out[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
+            result[..., oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale]
+        if progress is not None:
+            progress((i + 1) / len(starts))
+    assert out is not None
+    return out
+
+
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    """A CPU fp32 copy, leaving the shared (cached) GPU model where it is."""
+    cpu = copy.deepcopy(model).float().cpu()
+    cpu.config = getattr(model, "config", {})
+    return cpu
+
+
+def run_tiled(
+    model: nn.Module,
+    x: torch.Tensor,
+    scale: int,
+    tile: int = 256,
+    overlap: int = 16,
+    progress: Callable[[float], None] | None = None,
+) -> torch.Tensor:
+    """Run ``model`` on N×C×H×W ``x`` in overlapping tiles; returns the ×``scale`` result on CPU.
+
+    Memory is bounded by one tile (plus the output, kept on the CPU). On CUDA out-of-memory the
+    tile size is halved (down to ``MIN_TILE``), then the work moves to a CPU copy of the model;
+    each step is logged. ``progress`` gets the fraction of tiles done.
+    """
+    device = model_device(model)
+    size = tile
+    while True:
+        try:
+            return _tile_pass(model, x, scale, size, overlap, device, progress)
+        except torch.OutOfMemoryError:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if size // 2 >= MIN_TILE:
+                log.warning("out of memory with %d px tiles on %s; retrying with %d px tiles",
+                            size, device, size // 2)
+                size //= 2
+            elif device.type != "cpu":
+                log.warning("out of memory on %s even with %d px tiles; falling back to the CPU",
+                            device, size)
+                model, device, size = _cpu_copy(model), torch.device("cpu"), tile
+            else:
+                raise MemoryError(
+                    f"out of memory on the CPU even with {size} px tiles; use a smaller image"
+                ) from None
+
+
+def model_scale(model: nn.Module) -> int:
+    return int(getattr(model, "config", {}).get("scale", 1))
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """H×W×3 uint8 → 1×3×H×W float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """1×3×H×W float in [0, 1] → H×W×3 uint8, rounded."""
+    return (x[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def restore(
+    model: nn.Module,
+    rgb: np.ndarray,
+    progress: Callable[[float], None] | None = None,
+    *,
+    alpha: np.ndarray | None = None,
+    tile: int = 256,
+    overlap: int | None = None,
+) -> np.ndarray:
+    """Restore one H×W×3 uint8 image → (scale·H)×(scale·W)×3 uint8.
+
+    With ``alpha`` (H×W uint8) the result is RGBA: the alpha channel is upscaled with
+    OpenCV's bicubic (the networks only know RGB).
+    """
+    scale = model_scale(model)
+    overlap = max(16, context_pixels(model)) if overlap is None else overlap
+    out = to_uint8(run_tiled(model, to_tensor(rgb), scale, tile, overlap, progress))
+    if alpha is None:
+        return out
+    if scale != 1:
+        alpha = cv2.resize(alpha, (out.shape[1], out.shape[0]), interpolation=cv2.INTER_CUBIC)
+    return np.dstack([out, alpha])
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def image_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images in {folder}")
+    return files
+
+
+def evaluate_sr(model: nn.Module, hr_dir: Path, lr_dir: Path, scale: int, *,
+                tile: int = 256, limit: int | None = None,
+                lr_images: list[np.ndarray] | None = None,
+                hr_images: list[np.ndarray] | None = None) -> dict:
+    """PSNR/SSIM-Y (``scale`` pixels cropped) of ``model`` on HR/LR pairs matched by name.
+
+    ``hr_images``/``lr_images`` skip reading (training evaluates the same set every epoch).
+    """
+    if hr_images is None or lr_images is None:
+        pairs = _pair(image_files(hr_dir), image_files(lr_dir))[:limit]
+        names = [p.name for p, _ in pairs]
+        hr_images = [read_image(p).rgb for p, _ in pairs]
+        lr_images = [read_image(q).rgb for _, q in pairs]
+    else:
+        names = [f"{i:03d}" for i in range(len(hr_images))]
+    rows = []
+    for name, hr, lr in zip(names, hr_images, lr_images, strict=True):
+        hr = mod_crop(hr, scale)
+        sr = restore(model, lr, tile=tile)[: hr.shape[0], : hr.shape[1]]
+        rows.append({"image": name, "psnr_y": psnr_y(sr, hr, scale),
+                     "ssim_y": ssim_y(sr, hr, scale)})
+    return _summary(rows)
+
+
+def _pair(hr: list[Path], lr: list[Path]) -> list[tuple[Path, Path]]:
+    by_stem = {p.stem: p for p in lr}
+    pairs = [(p, by_stem[p.stem]) for p in hr if p.stem in by_stem]
+    if not pairs:
+        raise FileNotFoundError("no HR/LR images with matching names")
+    return pairs
+
+
+def _summary(rows: list[dict]) -> dict:
+    return {"psnr_y": float(np.mean([r["psnr_y"] for r in rows])),
+            "ssim_y": float(np.mean([r["ssim_y"] for r in rows])),
+            "images": len(rows), "per_image": rows}
+
+
+def deblur_eval_set(sharp_dir: Path, kernels: list[np.ndarray], *, noise_sigma: float = 0.0,
+                    limit: int | None = None, crop: int | None = None,
+                    seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray, int]]:
+    """(name, sharp, blurred, border) per image: image i blurred with kernel i mod K.
+
+    Deterministic (fixed noise seed), so every epoch and every model sees the same inputs.
+    ``crop`` takes a centred square, to keep evaluation during training quick.
+    """
+    rng = np.random.default_rng(seed)
+    items = []
+    for i, path in enumerate(image_files(sharp_dir)[:limit]):
+        sharp = read_image(path).rgb
+        if crop:
+            h, w = sharp.shape[:2]
+            top, left = max((h - crop) // 2, 0), max((w - crop) // 2, 0)
+            sharp = sharp[top:top + crop, left:left + crop]
+        kernel = kernels[i % len(kernels)]
+        items.append((f"{path.name}+k{i % len(kernels)}", sharp,
+                      degrade_blur(sharp, kernel, noise_sigma, rng), kernel.shape[0] // 2))
+    return items
+
+
+def evaluate_deblur(model: nn.Module, items: list[tuple[str, np.ndarray, np.ndarray, int]],
+                    tile: int = 256) -> dict:
+    """PSNR/SSIM-Y of ``model`` on ``deblur_eval_set`` items (kernel radius cropped)."""
+    rows = []
+    for name, sharp, blurred, border in items:
+        out = restore(model, blurred, tile=tile)
+        rows.append({"image": name, "psnr_y": psnr_y(out, sharp, border),
+                     "ssim_y": ssim_y(out, sharp, border)})
+    return _summary(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data: random patches, degraded on the fly
+
+
+def load_training_images(root: Path, folders: list[str]) -> list[np.ndarray]:
+    images = [read_image(p).rgb for folder in folders for p in image_files(root / folder)]
+    if not images:
+        raise FileNotFoundError(f"no training images in {folders} under {root}")
+    return images
+
+
+class PatchSampler:
+    """Random crops with random flips and 90° rotations from images held in memory."""
+
+    def __init__(self, images: list[np.ndarray], seed: int = 0) -> None:
+        self.images = images
+        self.rng = np.random.default_rng(seed)
+
+    def crop(self, size: int) -> np.ndarray:
+        for _ in range(100):
+            img = self.images[self.rng.integers(len(self.images))]
+            h, w = img.shape[:2]
+            if h >= size and w >= size:
+                break
+        else:
+            raise ValueError(f"no training image is at least {size}×{size}")
+        top, left = self.rng.integers(h - size + 1), self.rng.integers(w - size + 1)
+        patch = img[top:top + size, left:left + size]
+        if self.rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        return np.ascontiguousarray(np.rot90(patch, self.rng.integers(4)))
+
+
+def _stack(patches: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(patches)).permute(0, 3, 1, 2).float() / 255
+
+
+def sr_batch(sampler: PatchSampler, batch_size: int, patch: int,
+             scale: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LR, HR) float batches: HR patches of ``patch`` px, LR by MATLAB bicubic (uint8, as the
+    benchmark LR files are)."""
+    hr = [sampler.crop(patch) for _ in range(batch_size)]
+    return _stack([matlab_imresize(p, 1 / scale) for p in hr]), _stack(hr)
+
+
+def deblur_batch(sampler: PatchSampler, batch_size: int, patch: int,
+                 bank: list[np.ndarray] | None, max_noise: float,
+                 kernel_size: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blurred, sharp) float batches. Each patch is blurred with a margin and the margin cut,
+    so no patch has reflected borders in it."""
+    margin = kernel_size // 2 + 1
+    blurred, sharp = [], []
+    for _ in range(batch_size):
+        big = sampler.crop(patch + 2 * margin)
+        kernel = random_kernel(sampler.rng, bank, kernel_size)
+        noisy = degrade_blur(big, kernel, sampler.rng.uniform(0, max_noise), sampler.rng)
+        blurred.append(noisy[margin:-margin, margin:-margin])
+        sharp.append(big[margin:-margin, margin:-margin])
+    return _stack(blurred), _stack(sharp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: L2 (through dense.train.fit) and GAN
+
+
+def build_generator(config: dict) -> nn.Module:
+    """The restoration U-Net of a config: ``[model]`` holds ``UNet`` arguments."""
+    from dense.nn.unet import UNet
+
+    model = UNet(out_channels=3, scale=_scale(config), **config["model"])
+    model.config = {"scale": _scale(config)}  # what restore() reads
+    return model
+
+
+def _scale(config: dict) -> int:
+    return int(config.get("scale", 1)) if config["task"] == "sr" else 1
+
+
+class _Task:
+    """What training needs per task: a batch maker and an evaluation, built from a config."""
+
+    def __init__(self, config: dict, data_root: Path) -> None:
+        train = config["train"]
+        self.config, self.task, self.scale = config, config["task"], _scale(config)
+        if self.task not in ("sr", "deblur"):
+            raise ValueError(f"config task must be 'sr' or 'deblur', not {self.task!r}")
+        self.sampler = PatchSampler(load_training_images(data_root, config["data"]["train"]),
+                                    train.get("seed", 0))
+        self.batch_size, self.patch = train["batch_size"], train["patch"]
+        data = config["data"]
+        if self.task == "sr":
+            self.eval_hr = [read_image(p).rgb for p in image_files(data_root / data["eval_hr"])]
+            self.eval_lr = [read_image(p).rgb for p in image_files(data_root / data["eval_lr"])]
+        else:
+            self.bank = load_kernels(data_root / data["train_kernels"]) \
+                if data.get("train_kernels") else None
+            self.max_noise = train.get("max_noise", 2.0)
+            self.eval_items = deblur_eval_set(
+                data_root / data["eval_sharp"], load_kernels(data_root / data["eval_kernels"]),
+                noise_sigma=data.get("eval_noise", 1.0), limit=data.get("eval_images", 8),
+                crop=data.get("eval_crop", 192))
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.task == "sr":
+            return sr_batch(self.sampler, self.batch_size, self.patch, self.scale)
+        return deblur_batch(self.sampler, self.batch_size, self.patch, self.bank, self.max_noise)
+
+    def batches(self, steps: int) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        return lambda: (self.batch() for _ in range(steps))
+
+    def evaluate(self, model: nn.Module) -> dict:
+        if self.task == "sr":
+            result = evaluate_sr(model, Path(), Path(), self.scale, hr_images=self.eval_hr,
+                                 lr_images=self.eval_lr)
+        else:
+            result = evaluate_deblur(model, self.eval_items)
+        return {"psnr": result["psnr_y"], "ssim": result["ssim_y"]}
+
+    def samples(self, model: nn.Module, size: int = 96) -> np.ndarray:
+        """A strip per eval image (input resized | output | target), centre crops, for a look."""
+        rows = []
+        pairs = (zip(self.eval_lr, self.eval_hr, strict=True) if self.task == "sr"
+                 else ((b, s) for _, s, b, _ in self.eval_items))
+        for degraded, target in list(pairs)[:4]:
+            h, w = degraded.shape[:2]
+            c = min(size // max(self.scale, 1), h, w)
+            top, left = (h - c) // 2, (w - c) // 2
+            crop = degraded[top:top + c, left:left + c]
+            out = restore(model, crop)
+            s = self.scale
+            ref = target[top * s:(top + c) * s, left * s:(left + c) * s]
+            shown = cv2.resize(crop, (c * s, c * s), interpolation=cv2.INTER_NEAREST)
+            rows.append(np.concatenate([shown, out, ref], axis=1))
+        return np.concatenate(rows, axis=0)
+
+
+def _model_card(config: dict, metrics: dict, kind: str) -> str:
+    task = f"super-resolution ×{_scale(config)}" if config["task"] == "sr" else "deblurring"
+    return f"""# {config['id']}
+
+**Task:** {task}. **Architecture:** `dense.nn.unet.UNet` ({json.dumps(config['model'])}),
+trained from scratch by `dense train {kind} configs/{config['id']}.toml`.
+
+**Input:** N×3×H×W RGB in [0, 1]; any size. **Output:** RGB in [0, 1],
+×{_scale(config)}.
+
+**Data:** random patches of {', '.join(config['data']['train'])} (T91: Yang et al.; BSD200:
+Berkeley BSDS500), degraded on the fly. Research use only, like the training images.
+
+**Measured (PSNR/SSIM on Y, validation set of the run):** {json.dumps(metrics)}
+"""
+
+
+def export_model(model: nn.Module, config: dict, metrics: dict, folder: Path,
+                 kind: str = "sr") -> Path:
+    """Write a trained generator as a zoo folder (``dense.load(folder)`` loads it)."""
+    from dense.zoo import save_folder
+
+    zoo_config = {
+        "id": config["id"], "task": SR_TASK if config["task"] == "sr" else DEBLUR_TASK,
+        "architecture": "unet",
+        "arch_args": {"out_channels": 3, "scale": _scale(config), **config["model"]},
+        "scale": _scale(config),
+        "input": {"layout": "NCHW", "colour": "RGB", "range": [0, 1]},
+        "licence": "research use (trained on T91/BSD200)",
+        "training": kind, "metrics": metrics,
+    }
+    return save_folder(folder, model.state_dict(), zoo_config, _model_card(config, metrics, kind))
+
+
+def _prepare(config: dict) -> Path:
+    train = config["train"]
+    torch.manual_seed(train.get("seed", 0))
+    torch.set_num_threads(train.get("threads", torch.get_num_threads()))
+    run_dir = Path(config["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return run_dir
+
+
+def train_restoration(config: dict, data_root: Path, log: Callable[[str], None] = print) -> Path:
+    """`dense train sr|deblur CONFIG`: an L2-trained restoration U-Net; returns the run folder.
+
+    The best weights (by validation PSNR-Y) are also exported as a zoo folder ``run_dir/model``.
+    """
+    from dense.train import fit
+
+    run_dir = _prepare(config)
+    task = _Task(config, Path(data_root))
+    model = build_generator(config)
+    train = config["train"]
+    fit(model, task.batches(train["steps_per_epoch"]), F.mse_loss, task.evaluate, run_dir,
+        epochs=train["epochs"], steps_per_epoch=train["steps_per_epoch"], lr=train["lr"],
+        weight_decay=train.get("weight_decay", 0.0), monitor="psnr", log=log)
+    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(best["model"])
+    export_model(model, config, best["metrics"], run_dir / "model", config["task"])
+    return run_dir
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+def discriminator_step(generator: nn.Module, discriminator: nn.Module,
+                       optimizer: torch.optim.Optimizer, degraded: torch.Tensor,
+                       target: torch.Tensor) -> dict:
+    """One D update on half real targets, half restored images (the generator is not touched:
+    its output is computed without gradients)."""
+    half = target.shape[0] // 2
+    set_requires_grad(discriminator, True)
+    with torch.no_grad():
+        fake = generator(degraded[half:])
+    logits = discriminator(torch.cat([target[:half], fake]))  # one call: shared batch stats
+    real_logits, fake_logits = logits[:half], logits[half:]
+    loss = 0.5 * (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+                  + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss_d": loss.item(), "d_acc_real": (real_logits > 0).float().mean().item(),
+            "d_acc_fake": (fake_logits < 0).float().mean().item()}
+
+
+def generator_step(generator: nn.Module, discriminator: nn.Module,
+                   optimizer: torch.optim.Optimizer, degraded: torch.Tensor,
+                   target: torch.Tensor, adv_weight: float, content: str = "l1") -> dict:
+    """One G update through the frozen discriminator: content loss + adversarial loss."""
+    set_requires_grad(discriminator, False)  # no D gradients are even computed
+    out = generator(degraded)
+    content_loss = (F.l1_loss if content == "l1" else F.mse_loss)(out, target)
+    logits = discriminator(out)
+    adv_loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+    loss = content_loss + adv_weight * adv_loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    set_requires_grad(discriminator, True)
+    return {"loss_g": loss.item(), "loss_content": content_loss.item(),
+            "loss_adv": adv_loss.item()}
+
+
+def _init_generator(generator: nn.Module, source: str, log: Callable[[str], None]) -> None:
+    """Start from an L2 run (its best.pt or a zoo folder): GANs train far better warm."""
+    path = Path(source)
+    if (path / "best.pt").is_file():
+        state = torch.load(path / "best.pt", map_location="cpu", weights_only=True)["model"]
+    else:
+        from safetensors.torch import load_file
+
+        state = load_file(path / "model.safetensors")
+    generator.load_state_dict(state)
+    log(f"generator initialised from {source}")
+
+
+def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print) -> Path:
+    """`dense train gan CONFIG`: adversarial training of a restoration U-Net.
+
+    Per step: ``d_steps`` discriminator updates (half real, half restored), then one generator
+    update through the frozen discriminator with content + ``adv_weight`` × adversarial loss.
+    Every epoch: validation PSNR/SSIM-Y, D accuracy on real and fake, losses, a sample strip
+    (``samples/epoch_NNN.png``), ``curves.png``, and a resumable ``last.pt``. The final
+    generator is exported as ``run_dir/model`` (a GAN is judged by eye, not by best PSNR).
+    """
+    from dense.nn.discriminator import PatchDiscriminator
+    from dense.train import plot_curves
+
+    run_dir = _prepare(config)
+    task = _Task(config, Path(data_root))
+    train, gan = config["train"], config["gan"]
+    generator = build_generator(config)
+    discriminator = PatchDiscriminator(**config.get("discriminator", {}))
+    opt_g = torch.optim.Adam(generator.parameters(), lr=train["lr"], betas=(0.9, 0.99))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=gan.get("lr_d", train["lr"]),
+                             betas=(0.9, 0.99))
+    history: list[dict] = []
+    last = run_dir / "last.pt"
+    if last.is_file():
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        generator.load_state_dict(state["generator"])
+        discriminator.load_state_dict(state["discriminator"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        history = state["history"]
+        log(f"resumed from {last} after epoch {len(history)}")
+    elif gan.get("init"):
+        _init_generator(generator, gan["init"], log)
+    (run_dir / "samples").mkdir(exist_ok=True)
+    for epoch in range(len(history) + 1, train["epochs"] + 1):
+        started, logs = time.time(), []
+        generator.train()
+        discriminator.train()
+        for _ in range(train["steps_per_epoch"]):
+            record: dict = {}
+            for _ in range(gan.get("d_steps", 1)):
+                record.update(discriminator_step(generator, discriminator, opt_d, *task.batch()))
+            record.update(generator_step(generator, discriminator, opt_g, *task.batch(),
+                                         gan.get("adv_weight", 5e-3), gan.get("content", "l1")))
+            logs.append(record)
+        generator.eval()
+        metrics = task.evaluate(generator)
+        save_png(task.samples(generator), run_dir / "samples" / f"epoch_{epoch:03d}.png")
+        entry = {"epoch": epoch, **{k: float(np.mean([r[k] for r in logs])) for k in logs[0]},
+                 **metrics, "seconds": round(time.time() - started, 1)}
+        history.append(entry)
+        torch.save({"generator": generator.state_dict(),
+                    "discriminator": discriminator.state_dict(), "opt_g": opt_g.state_dict(),
+                    "opt_d": opt_d.state_dict(), "history": history}, run_dir / "last.tmp")
+        (run_dir / "last.tmp").replace(last)  # atomic: a kill never corrupts the resume point
+        (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+        plot_curves(history, run_dir / "curves.png")
+        log(f"epoch {epoch}/{train['epochs']}  G {entry['loss_g']:.4f}  D {entry['loss_d']:.4f}"
+            f"  D acc real {entry['d_acc_real']:.2f} fake {entry['d_acc_fake']:.2f}"
+            f"  psnr {metrics['psnr']:.2f}  {entry['seconds']} s")
+    export_model(generator, config, history[-1] if history else {}, run_dir / "model", "gan")
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: `dense predict sr|deblur`, `dense train sr|deblur|gan`, `dense eval sr|deblur`
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    task = SR_TASK if args.task == "sr" else DEBLUR_TASK
+    if args.model == "bicubic" and not getattr(args, "scale", None):
+        print("error: --model bicubic needs --scale", file=sys.stderr)
+        return 2
+    if args.tile < 8:
+        print("error: --tile must be at least 8 pixels", file=sys.stderr)
+        return 2
+    model = load_restorer(args.model, getattr(args, "scale", None), args.device)
+    if model.config.get("task") != task:
+        print(f"error: model '{args.model}' is for {model.config.get('task')}, not {task}",
+              file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    status = 0
+    suffix = f"x{model_scale(model)}" if task == SR_TASK else "deblurred"
+    # Fractional progress (tiles of the current image) shown with two decimals.
+    fmt = "{l_bar}{bar}| {n:.2f}/{total_fmt} images [{elapsed}<{remaining}]{postfix}"
+    with tqdm(total=len(args.images), file=sys.stderr, bar_format=fmt) as bar:
+        for i, path in enumerate(args.images):
+            bar.set_postfix_str(path.name)
+            try:
+                image = read_image(path)
+                out = restore(model, image.rgb, lambda f, i=i: bar.update(i + f - bar.n),
+                              alpha=image.alpha, tile=args.tile)
+                target = args.out / f"{path.stem}_{model.config.get('id', args.model)}_{suffix}.png"
+                save_png(out, target)
+                bar.write(f"{path} -> {target}")
+            except (ImageError, MemoryError) as err:
+                bar.write(f"error: {path}: {err}", file=sys.stderr)
+                status = 1
+            bar.update(i + 1 - bar.n)
+    return status
+
+
+def _train(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from dense.data import data_root
+
+    config = tomllib.loads(args.config.read_text(encoding="utf-8"))
+    expected = {"sr": "sr", "deblur": "deblur"}.get(args.task)
+    if expected and config.get("task") != expected:
+        print(f"error: {args.config} is a '{config.get('task')}' config; use "
+              f"`dense train {config.get('task')}` (or `gan` for a [gan] config)", file=sys.stderr)
+        return 2
+    if args.task == "gan" and "gan" not in config:
+        print(f"error: {args.config} has no [gan] section", file=sys.stderr)
+        return 2
+    for key, value in (("epochs", args.epochs), ("steps_per_epoch", args.steps)):
+        if value:
+            config["train"][key] = value
+    if args.run_dir:
+        config["run_dir"] = str(args.run_dir)
+    root = args.data or data_root()
+    if root is None:
+        print("error: no data folder: pass --data or set DENSE_DATA", file=sys.stderr)
+        return 2
+    (train_gan if args.task == "gan" else train_restoration)(config, Path(root))
+    return 0
+
+
+def _print_result(result: dict, extra: dict) -> None:
+    for row in result["per_image"]:
+        print(f"{row['image']:28} PSNR-Y {row['psnr_y']:6.2f} dB   SSIM-Y {row['ssim_y']:.4f}")
+    print(f"mean over {result['images']} images: PSNR-Y {result['psnr_y']:.2f} dB   "
+          f"SSIM-Y {result['ssim_y']:.4f}")
+    print(json.dumps({**extra, **result}))
+
+
+def _eval_sr(args: argparse.Namespace) -> int:
+    model = load_restorer(args.model, args.scale, args.device)
+    if model_scale(model) != args.scale:
+        print(f"error: model '{args.model}' upscales ×{model_scale(model)}, not ×{args.scale}",
+              file=sys.stderr)
+        return 2
+    result = evaluate_sr(model, args.hr, args.lr, args.scale, tile=args.tile, limit=args.limit)
+    _print_result(result, {"model": args.model, "scale": args.scale})
+    return 0
+
+
+def _eval_deblur(args: argparse.Namespace) -> int:
+    model = load_restorer(args.model, None, args.device)
+    items = deblur_eval_set(args.sharp, load_kernels(args.kernels), noise_sigma=args.noise,
+                            limit=args.limit, crop=args.crop)
+    result = evaluate_deblur(model, items, tile=args.tile)
+    _print_result(result, {"model": args.model, "noise_sigma": args.noise})
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tile", type=int, default=256, help="tile size in input pixels (256)")
+    p.add_argument("--device", default="auto")
+
+
+def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    for name, text in (("sr", "super-resolution (e.g. --model realesrgan-x4plus, or bicubic "
+                              "with --scale)"),
+                       ("deblur", "deblurring (a deblurring model of the zoo)")):
+        p = subparsers.add_parser(name, help=text)
+        p.add_argument("images", nargs="+", type=Path)
+        p.add_argument("--model", required=True)
+        p.add_argument("--out", type=Path, required=True, help="output folder (PNG files)")
+        if name == "sr":
+            p.add_argument("--scale", type=int, help="only for --model bicubic")
+        _common(p)
+        p.set_defaults(func=_predict)
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    for name, text in (("sr", "super-resolution U-Net, L2 (configs/unet-sr-x4.toml)"),
+                       ("deblur", "deblurring U-Net, L2 (configs/unet-deblur.toml)"),
+                       ("gan", "restoration U-Net with a PatchGAN (configs/unet-sr-x4-gan.toml)")):
+        p = subparsers.add_parser(name, help=text)
+        p.add_argument("config", type=Path)
+        p.add_argument("--data", type=Path, help="data root (default DENSE_DATA or ../shared/data)")
+        p.add_argument("--epochs", type=int, help="override the config's epochs")
+        p.add_argument("--steps", type=int, help="override the config's steps per epoch")
+        p.add_argument("--run-dir", type=Path, help="override the config's run folder")
+        p.set_defaults(func=_train)
+
+
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sr", help="PSNR/SSIM-Y on HR/LR pairs (--model bicubic: baseline)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--scale", type=int, required=True)
+    p.add_argument("--hr", type=Path, required=True)
+    p.add_argument("--lr", type=Path, required=True)
+    p.add_argument("--limit", type=int, help="only the first N images")
+    _common(p)
+    p.set_defaults(func=_eval_sr)
+
+    p = subparsers.add_parser("deblur", help="PSNR/SSIM-Y after blurring sharp images with a "
+                                             "kernel bank (image i, kernel i mod K)")
+    p.add_argument("--model", required=True, help="a deblurring model, or identity (baseline)")
+    p.add_argument("--sharp", type=Path, required=True)
+    p.add_argument("--kernels", type=Path, required=True, help=".npz kernel bank")
+    p.add_argument("--noise", type=float, default=1.0, help="noise σ in grey levels (1)")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--crop", type=int, help="centred square crop of each image")
+    _common(p)
+    p.set_defaults(func=_eval_deblur)

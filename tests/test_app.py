@@ -1,0 +1,63 @@
+"""The app starts, answers on loopback only, and serves no file outside its own."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+import app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def running_app() -> Iterator[str]:
+    demo = app.build_app()
+    port = free_port()
+    demo.queue()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
+                allowed_paths=[str(app.common.EXAMPLES_DIR)], quiet=True)
+    yield f"http://127.0.0.1:{port}"
+    demo.close()
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, b""
+
+
+def test_app_answers_on_loopback_with_every_tab(running_app: str) -> None:
+    status, body = get(running_app + "/config")
+    assert status == 200
+    for tab in ("Segment", "Pose", "Restore", "Upsampling lab", "Models"):
+        assert tab.encode() in body
+
+
+def test_files_outside_the_app_are_refused(running_app: str) -> None:
+    for path in ("/etc/passwd", "/work/main/dense/zoo.py", "../../../../etc/passwd"):
+        status, body = get(f"{running_app}/gradio_api/file={path}")
+        assert status in (403, 404), path
+        assert b"root:" not in body
+
+
+def test_defaults_listen_on_loopback_without_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    args = app.parse_args([])
+    assert args.host == "127.0.0.1" and args.port == 7860 and not args.share
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "8123")
+    args = app.parse_args([])
+    assert (args.host, args.port) == ("0.0.0.0", 8123)
+    assert app.parse_args(["--host", "10.0.0.1", "--port", "9000"]).port == 9000

@@ -1,0 +1,141 @@
+"""The Pose tab's live webcam in headless Chromium: frames per second the page receives.
+
+Chromium's fake camera plays a Y4M clip made here from an example photo; the page's output
+image is watched with a MutationObserver and every new ``src`` counts as a frame. Needs
+Debian's ``chromium`` and the ``playwright`` package (no browser download). Run with
+``pytest -m browser tests/test_browser_pose.py -s``; the numbers are printed, and the
+targets (15 frames/s for blazepose-lite, 10 for blazepose-full at 640×480) are asserted only
+with ``DENSE_ASSERT_FPS=1``: on a shared machine they measure the machine as much as the app.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+WIDTH, HEIGHT = 640, 480
+MEASURE_S = 20.0
+TARGET_FPS = {"blazepose-lite": 15.0, "blazepose-full": 10.0}
+
+# Count output frames: each processed frame gives the output <img> a new src.
+OBSERVER_JS = """
+() => {
+  window.__poseFrames = [];
+  const root = document.querySelector('#pose-live-output');
+  const seen = new Set();
+  const record = () => {
+    for (const img of root.querySelectorAll('img')) {
+      if (img.src && !seen.has(img.src)) {
+        seen.add(img.src);
+        window.__poseFrames.push(performance.now());
+      }
+    }
+  };
+  new MutationObserver(record).observe(root, {subtree: true, childList: true, attributes: true,
+                                              attributeFilter: ['src']});
+}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_y4m(path: Path, frames: int = 60) -> Path:
+    """A 640×480 4:2:0 Y4M clip of the astronaut photo swaying sideways (Chromium loops it)."""
+    from dense import zoo
+
+    bgr = cv2.imread(str(zoo.REPO_ROOT / "examples" / "astronaut.png"))
+    with path.open("wb") as f:
+        f.write(f"YUV4MPEG2 W{WIDTH} H{HEIGHT} F30:1 Ip A1:1 C420jpeg\n".encode())
+        for i in range(frames):
+            dx = 64 + 20 * np.sin(2 * np.pi * i / frames)
+            affine = np.float32([[0.9, 0, dx], [0, 0.9, 0]])
+            frame = cv2.warpAffine(bgr, affine, (WIDTH, HEIGHT), borderMode=cv2.BORDER_REPLICATE)
+            f.write(b"FRAME\n" + cv2.cvtColor(frame, cv2.COLOR_BGR2YUV_I420).tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser_deps() -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+
+
+@pytest.fixture(scope="module")
+def app_url(browser_deps) -> Iterator[str]:
+    import app
+    from dense.ui import common
+
+    demo = app.build_app()
+    demo.queue(max_size=common.QUEUE_SIZE, default_concurrency_limit=common.CONCURRENCY)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return write_y4m(tmp_path_factory.mktemp("camera") / "clip.y4m")
+
+
+def measure(url: str, clip: Path, model_id: str) -> tuple[float, str]:
+    """Frames/s the page receives over MEASURE_S seconds, and the app's own timing text."""
+    from playwright.sync_api import sync_playwright
+
+    args = [
+        "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-video-capture={clip}", "--headless", "--no-sandbox",
+        "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync",
+    ]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, timeout=60_000)
+            page.get_by_role("tab", name="Pose").first.click()
+            page.get_by_role("tab", name="Live webcam").first.click()
+            page.locator("#pose-live-model input").click()
+            page.get_by_role("option", name=model_id, exact=True).click()
+            page.locator("#pose-live-webcam").get_by_text("Click to Access Webcam").click()
+            page.locator("#pose-live-webcam button:has-text(\"Record\")").click()
+            # Let the model load and the stream settle before counting.
+            page.locator("#pose-live-output img").first.wait_for(timeout=60_000)
+            page.wait_for_timeout(2000)
+            page.evaluate(OBSERVER_JS)
+            page.wait_for_timeout(MEASURE_S * 1000)
+            stamps = page.evaluate("window.__poseFrames")
+            timing = page.locator("#pose-live-timing textarea").input_value()
+        finally:
+            browser.close()
+    fps = (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1000) if len(stamps) > 1 else 0.0
+    return fps, timing
+
+
+@pytest.mark.parametrize("model_id", ["blazepose-lite", "blazepose-full"])
+def test_live_webcam_frame_rate(app_url: str, clip: Path, model_id: str) -> None:
+    start = time.monotonic()
+    fps, timing = measure(app_url, clip, model_id)
+    print(f"\n{model_id}: {fps:.1f} frames/s received by the page at {WIDTH}x{HEIGHT} over "
+          f"{MEASURE_S:.0f} s (app says: {timing!r}; {os.cpu_count()} CPUs; "
+          f"{time.monotonic() - start:.0f} s with browser start)")
+    assert fps > 0, "no processed frame reached the page"
+    assert "frames/s" in timing
+    if os.environ.get("DENSE_ASSERT_FPS") == "1":
+        assert fps >= TARGET_FPS[model_id]
+
