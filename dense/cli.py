@@ -21,6 +21,8 @@ TASK_MODULES = (
     "dense.tasks.segmentation",
     "dense.tasks.restoration",
     "dense.tasks.pose",
+    "dense.tasks.keypoints",
+    "dense.export",
 )
 
 
@@ -51,7 +53,7 @@ def _bench(args: argparse.Namespace) -> int:
     from dense.bench import bench_models
 
     bench_models(args.models, sizes=args.size, runs=args.runs, device=args.device,
-                 threads=args.threads)
+                 threads=args.threads, peers=args.peers, batch=args.batch, cold=args.cold)
     return 0
 
 
@@ -95,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--peers", action="store_true",
+                   help="also time ai-edge-litert / ncnn on the original files, onnxruntime on "
+                        "our ONNX export, and channels_last, on the same input and threads")
+    p.add_argument("--batch", type=int, default=None, help="also measure images/s at this batch")
+    p.add_argument("--cold", action="store_true",
+                   help="also time a fresh process from start to first result")
     p.set_defaults(func=_bench)
 
     return parser

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import cv2
@@ -71,7 +71,7 @@ def fit(
         for step, (x, y) in enumerate(batches()):
             if step >= steps_per_epoch:
                 break
-            loss = loss_fn(model(x.to(device)), y.to(device))
+            loss = loss_fn(model(x.to(device)), _to(y, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -96,6 +96,13 @@ def fit(
         log(f"epoch {epoch}/{epochs}  loss {record['loss']:.4f}  {monitor} {metrics[monitor]:.4f}"
             f"  (best {best:.4f})  {record['seconds']} s")
     return {"history": history, "best": best}
+
+
+def _to(target: torch.Tensor | Sequence[torch.Tensor], device: torch.device):
+    """Move a target (a tensor, or a tuple such as keypoint maps and their weights)."""
+    if isinstance(target, torch.Tensor):
+        return target.to(device)
+    return type(target)(t.to(device) for t in target)
 
 
 def plot_curves(history: list[dict], path: Path, size: tuple[int, int] = (360, 640)) -> None:

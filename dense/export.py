@@ -1,0 +1,95 @@
+"""`dense export onnx ID`: a zoo model as an ONNX graph (dynamic batch and, where the model
+allows, dynamic height and width), checked against PyTorch with onnxruntime when installed."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dense import zoo
+
+
+class _Flat(nn.Module):
+    """ONNX graphs return tensors, not dicts: the dict models (BlazePose) return their values
+    in a fixed key order, named after the keys."""
+
+    def __init__(self, model: nn.Module, keys: list[str] | None) -> None:
+        super().__init__()
+        self.model, self.keys = model, keys
+
+    def forward(self, x: torch.Tensor):
+        out = self.model(x)
+        return tuple(out[k] for k in self.keys) if self.keys else out
+
+
+def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
+    size = model.config.get("input", {}).get("size") or (64, 64)
+    return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(0))
+
+
+def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
+    """Write ``model`` (from ``dense.load``, on CPU) to ``path``; return the path.
+
+    Fixed-size models (their config names an input size) get a dynamic batch only; the others
+    a dynamic batch, height and width.
+    """
+    model = model.eval().cpu()
+    x = example_input(model)
+    with torch.inference_mode():
+        out = model(x)
+    keys = sorted(out) if isinstance(out, dict) else None
+    names = keys or ["output"]
+    fixed = bool(model.config.get("input", {}).get("size"))
+    axes = {0: "batch"} if fixed else {0: "batch", 2: "height", 3: "width"}
+    dynamic = {"image": axes, **{n: {0: "batch"} for n in names}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(_Flat(model, keys), (x,), str(path), dynamo=False, opset_version=opset,
+                      input_names=["image"], output_names=names, dynamic_axes=dynamic)
+    return path
+
+
+def check_onnx(model: nn.Module, path: Path, tolerance: float = 5e-3) -> float:
+    """Largest difference between onnxruntime and PyTorch on a random input, relative to each
+    output's largest magnitude (logits of random noise reach the hundreds; fp32 reassociation
+    then moves them by more than any absolute tolerance fit for probabilities)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = example_input(model, batch=2)
+    got = session.run(None, {"image": x.numpy()})
+    with torch.inference_mode():
+        out = model.cpu()(x)
+    expected = [out[k] for k in sorted(out)] if isinstance(out, dict) else [out]
+    diff = max(float(np.abs(g - e.numpy()).max() / max(1.0, float(e.abs().max())))
+               for g, e in zip(got, expected, strict=True))
+    if diff > tolerance:
+        raise RuntimeError(f"{path.name}: onnxruntime differs from PyTorch by {diff:.2e}")
+    return diff
+
+
+def _export(args: argparse.Namespace) -> int:
+    model = zoo.load(args.model, device="cpu")
+    path = export_onnx(model, args.out or Path(f"{Path(args.model).name}.onnx"))
+    try:
+        diff = check_onnx(model, path)
+    except ImportError:
+        print(f"wrote {path} (onnxruntime not installed: not checked)")
+        return 0
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}; onnxruntime equals PyTorch within {diff:.1e} (relative)")
+    return 0
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("onnx", help="a zoo model as ONNX, checked with onnxruntime")
+    p.add_argument("model", help="model id, folder or Hub repo")
+    p.add_argument("--out", type=Path, help="output file (default <id>.onnx)")
+    p.set_defaults(func=_export)
