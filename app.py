@@ -21,7 +21,10 @@ TABS = (("Segment", segment), ("Pose", pose), ("Restore", restore), ("Upsampling
 
 
 def build_app() -> gr.Blocks:
-    with gr.Blocks(title="dense — dense prediction with U-Nets") as demo:
+    # delete_cache: Gradio keeps a copy of every upload and result; drop those older than an
+    # hour, checking every 10 minutes, so a long-running demo's disk use stays bounded.
+    with gr.Blocks(title="dense — dense prediction with U-Nets",
+                   delete_cache=(600, 3600)) as demo:
         gr.Markdown(
             "# dense\nPredict something for every pixel: segmentation, pose, restoration, and "
             "the upsampling methods compared. All models run on this machine "

@@ -221,3 +221,73 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
                 print(f"{'':24} {json.dumps(extra)}")
             print(json.dumps(result))
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# `dense bench app`: the app as a user meets it
+
+
+APP_CALLS = {  # endpoint → its inputs after the photo (the tab's defaults, cheapest models)
+    "/segment": ("selfie-seg", 0.5),
+    "/pose_photo": ("blazepose-lite", 4, False, 0.5, "all (max over joints)"),
+    "/restore": ("Super-resolution ×2", "waifu2x-photo-x2", True),
+    "/lab_compare": (2, True, 0.5, 0.5, 32),
+}
+
+
+def app_timings(photo: Path, port: int, warm_runs: int = 3, timeout: float = 180) -> dict:
+    """Start ``python app.py`` on 127.0.0.1, time the first page, then each tab's first (cold:
+    the model loads) and later (warm) results through gradio_client."""
+    import urllib.request
+
+    from gradio_client import Client, handle_file
+
+    root = zoo.REPO_ROOT
+    start = time.perf_counter()
+    server = subprocess.Popen([sys.executable, str(root / "app.py"), "--port", str(port)],
+                              cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"app.py exited: {server.stderr.read().decode()[-2000:]}")
+            if time.perf_counter() - start > timeout:
+                raise TimeoutError(f"app.py did not answer within {timeout} s")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        result = {"first_page_s": round(time.perf_counter() - start, 2), "tabs": {}}
+        client = Client(url, verbose=False)
+        for endpoint, args in APP_CALLS.items():
+            times = []
+            for _ in range(1 + warm_runs):
+                t = time.perf_counter()
+                client.predict(handle_file(str(photo)), *args, api_name=endpoint)
+                times.append(time.perf_counter() - t)
+            result["tabs"][endpoint] = {"cold_s": round(times[0], 3),
+                                        "warm_s": round(statistics.median(times[1:]), 3)}
+        return result
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def app_main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dense bench app",
+                                     description="time the app's start and first results")
+    parser.add_argument("--photo", type=Path, default=zoo.REPO_ROOT / "examples/astronaut.png")
+    parser.add_argument("--port", type=int, default=7869)
+    parser.add_argument("--warm-runs", type=int, default=3)
+    args = parser.parse_args(argv)
+    print(f"# machine: {json.dumps(machine())}")
+    result = app_timings(args.photo, args.port, args.warm_runs)
+    print(f"first page served {result['first_page_s']} s after `python app.py`")
+    for endpoint, t in result["tabs"].items():
+        print(f"{endpoint:14} first result {t['cold_s']:7.2f} s   later {t['warm_s']:7.2f} s")
+    print(json.dumps({"photo": str(args.photo), **result}))
+    return 0

@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output root (default: weights/)")
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("bench", help="latency of models on this machine")
+    p = sub.add_parser("bench", help="latency of models on this machine; `dense bench lab` "
+                                     "the upsampling lab table; `dense bench app` the app's "
+                                     "start and first results")
     p.add_argument("models", nargs="+")
     p.add_argument("--size", type=int, nargs=2, action="append", metavar=("H", "W"),
                    help="input size (default: the model's own)")
@@ -115,6 +117,16 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `dense bench lab ...` and `dense bench app ...` are whole programs with their own flags.
+    if argv[:2] == ["bench", "lab"]:
+        from dense.lab import main as lab_main
+
+        return lab_main(["bench", *argv[2:]])
+    if argv[:2] == ["bench", "app"]:
+        from dense.bench import app_main
+
+        return app_main(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

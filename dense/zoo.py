@@ -300,7 +300,10 @@ def list_models(task: str | None = None) -> list[ModelInfo]:
             config = read_config(folder)
         except ModelError:
             continue  # a broken folder must not hide the others; load() reports it by name
-        params = _count_params(folder / WEIGHTS_FILE) if (folder / WEIGHTS_FILE).is_file() else 0
+        try:
+            params = _count_params(folder / WEIGHTS_FILE)
+        except Exception:  # noqa: BLE001 - a damaged or missing file must not hide the zoo;
+            params = 0  # load() names the model and what is wrong with it
         found.append(
             ModelInfo(
                 id=config["id"],

@@ -6,6 +6,7 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -45,10 +46,37 @@ def test_app_answers_on_loopback_with_every_tab(running_app: str) -> None:
 
 
 def test_files_outside_the_app_are_refused(running_app: str) -> None:
-    for path in ("/etc/passwd", "/work/main/dense/zoo.py", "../../../../etc/passwd"):
+    examples = app.common.EXAMPLES_DIR
+    status, body = get(f"{running_app}/gradio_api/file={examples / 'chelsea.png'}")
+    assert status == 200 and body.startswith(b"\x89PNG")  # the examples are served, but
+    for path in ("/etc/passwd", "/work/main/dense/zoo.py", "../../../../etc/passwd",
+                 # nothing reached from them by climbing out, plainly or percent-encoded
+                 f"{examples}/../dense/zoo.py", f"{examples}/../../../../etc/passwd",
+                 f"{examples}/%2e%2e/dense/zoo.py", f"{examples}/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+                 str(app.common.OUTPUT_DIR)):
         status, body = get(f"{running_app}/gradio_api/file={path}")
         assert status in (403, 404), path
         assert b"root:" not in body
+
+
+def test_bad_uploads_get_a_clear_message(running_app: str, tmp_path: Path) -> None:
+    """Uploads reach dense.images unopened: gr.Image's own Pillow open used to fail first on
+    these, and the user saw a bare "Error"."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from tests.test_images import _png_bomb
+
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_bytes(b"hello, world\n" * 100)
+    _png_bomb(tmp_path / "bomb.png", 20000, 20000, 1, 0)
+    client = Client(running_app, verbose=False, download_files=False)
+    for name, message in (("empty.png", r"'empty\.png' is empty \(0 bytes\)"),
+                          ("notes.png", r"'notes\.png' is not an image"),
+                          ("bomb.png", r"400 MP, above the 50 MP limit")):
+        with pytest.raises(AppError, match=message):
+            client.predict(handle_file(str(tmp_path / name)), "selfie-seg", 0.5,
+                           api_name="/segment")
 
 
 def test_defaults_listen_on_loopback_without_share(monkeypatch: pytest.MonkeyPatch) -> None:

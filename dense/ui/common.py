@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import functools
+import logging
 import os
 import tempfile
 import threading
+import time
+import types
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import gradio as gr
 import numpy as np
@@ -22,8 +29,16 @@ EXAMPLES_DIR = zoo.REPO_ROOT / "examples"
 QUEUE_SIZE = int(os.environ.get("DENSE_QUEUE_SIZE", "32"))
 CONCURRENCY = int(os.environ.get("DENSE_CONCURRENCY", "2"))
 OUTPUT_DIR = Path(tempfile.gettempdir()) / "dense-outputs"
+# Gradio copies each download file into its own cache when the event returns, so ours are needed
+# only for a moment; without pruning a busy app fills the disk (~200 kB per segmentation).
+OUTPUT_MAX_AGE = 3600.0  # s
+PRUNE_EVERY = 60.0  # s
 
 _model_lock = threading.Lock()
+_prune_lock = threading.Lock()
+_last_prune = 0.0
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def device_label() -> str:
@@ -63,10 +78,81 @@ def decode(image: Any) -> DecodedImage:
         raise gr.Error(str(err)) from err
 
 
+def photo_input(**kwargs: Any) -> gr.Image:
+    """A photo upload (``type="filepath"``) whose file reaches :func:`decode` unopened.
+
+    ``gr.Image`` opens every upload with Pillow before the event runs, so an empty file, text
+    named .png or a decompression bomb failed there, outside our checks, and the user saw a bare
+    "Error". This one passes the path (or a ``data:`` URL's bytes) on as it is, and
+    :func:`decode` refuses bad input with a message that says why. (A method set on the
+    instance rather than a subclass: Gradio writes a .pyi file beside any module that defines
+    a component class.)
+    """
+    kwargs.setdefault("format", "png")
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
+    image.preprocess = types.MethodType(_photo_preprocess, image)
+    return image
+
+
+def _photo_preprocess(self: gr.Image, payload: Any) -> str | bytes | None:
+    if payload is None:
+        return None
+    if payload.path is not None:
+        return str(payload.path)
+    url = payload.url or ""
+    if url.startswith("data:") and "," in url:
+        try:
+            return base64.b64decode(url.split(",", 1)[1], validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise gr.Error("The image sent is not valid base64 data.") from err
+    raise gr.Error("No image file was received; please upload it again.")
+
+
+def user_errors(what: str) -> Callable[[F], F]:
+    """Decorate an event so that any failure reaches the user as a gr.Error saying ``what``
+    failed (Gradio shows other exceptions as a bare "Error"); the traceback goes to the log.
+
+    Nothing is kept between requests, so the next request runs afresh.
+    """
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def event(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as err:  # noqa: BLE001 - every failure must become a message
+                log.exception("%s failed", fn.__name__)
+                detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+                raise gr.Error(
+                    f"{what} failed ({type(err).__name__}{': ' + detail if detail else ''}). "
+                    "Please try again; if it fails again, try another image or model."
+                ) from err
+        return event  # type: ignore[return-value]
+    return decorate
+
+
 def output_path(stem: str, suffix: str = ".png") -> Path:
     """A fresh file in the outputs folder for a download button."""
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    prune_outputs()
     return OUTPUT_DIR / f"{stem}-{uuid.uuid4().hex[:8]}{suffix}"
+
+
+def prune_outputs(now: float | None = None) -> None:
+    """Delete output files older than OUTPUT_MAX_AGE; does nothing if it ran < PRUNE_EVERY ago."""
+    global _last_prune
+    now = time.time() if now is None else now
+    with _prune_lock:
+        if now - _last_prune < PRUNE_EVERY:
+            return
+        _last_prune = now
+    for path in OUTPUT_DIR.glob("*"):
+        try:
+            if path.is_file() and now - path.stat().st_mtime > OUTPUT_MAX_AGE:
+                path.unlink()
+        except OSError:  # gone already (another process pruned it), or not ours to remove
+            pass
 
 
 def save_output(array: np.ndarray, stem: str) -> str:

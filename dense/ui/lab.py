@@ -68,6 +68,11 @@ def prepare(rgb: np.ndarray, scale: int, degrade_first: bool,
     """(LR input, original or None): a centre crop, degraded with MATLAB bicubic if asked."""
     if not degrade_first:
         return centre_crop(rgb, max_lr_side), None
+    h, w = rgb.shape[:2]
+    if min(h, w) < 4 * scale:  # a PSNR with a border of `scale` needs a few pixels left
+        raise gr.Error(f"The photo ({w}×{h}) is too small to shrink ×{scale} for 'Degrade "
+                       f"first' (at least {4 * scale}×{4 * scale} pixels); untick it to "
+                       "upsample the photo as it is.")
     hr, lr = lab.degrade(centre_crop(rgb, max_lr_side * scale), scale)
     return lr, hr
 
@@ -119,6 +124,7 @@ def networks(lr: np.ndarray, scale: int) -> list[Panel]:
     return panels
 
 
+@common.user_errors("The upsampling comparison")
 def compare(image: Any, scale: int | str, degrade_first: bool, x: float = 0.5, y: float = 0.5,
             size: float = 32, max_lr_side: int = MAX_LR_SIDE) -> tuple:
     """The tab's main event: every method on one photo.
@@ -402,8 +408,7 @@ def build() -> None:
     state = gr.State(None)
     with gr.Row():
         with gr.Column(scale=1):
-            image = gr.Image(label="Photo", type="filepath", image_mode=None,
-                             sources=["upload", "clipboard"], format="png")
+            image = common.photo_input(label="Photo", sources=["upload", "clipboard"])
             scale = gr.Radio([2, 4], value=4, label="Scale")
             degrade = gr.Checkbox(value=True, label="Degrade first (downscale a good photo with "
                                                     "MATLAB bicubic, then compare to it: PSNR)")
@@ -444,7 +449,7 @@ def build() -> None:
                    label="constant input → output")
     outputs = [state, results, table, picker, zoomed]
     inputs = [image, scale, degrade, x, y, size]
-    button.click(compare, inputs, outputs)
+    button.click(compare, inputs, outputs, api_name="lab_compare")
     image.upload(compare, inputs, outputs)
     for control in (x, y, size):
         control.release(zoom, [state, x, y, size], [picker, zoomed])

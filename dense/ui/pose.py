@@ -99,6 +99,7 @@ def render_confidence(result: PhotoResult | None, joint: str) -> np.ndarray | No
     return pt.overlay_confidence(result.rgb, pt.confidence_map(result.poses, result.rgb.shape, row))
 
 
+@common.user_errors("Pose estimation")
 def estimate_photo(image: Any, model_id: str, max_people: int, coco17: bool, threshold: float,
                    joint: str) -> tuple:
     """The photo's main event: run the models, then draw everything."""
@@ -185,8 +186,7 @@ def _build_photo(models: list[str]) -> None:
     state = gr.State(None)
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Photo", type="filepath", image_mode=None,
-                             sources=["upload", "webcam", "clipboard"], format="png")
+            image = common.photo_input(label="Photo", sources=["upload", "webcam", "clipboard"])
             model = gr.Dropdown(models, value=models[0] if models else None, label="Model")
             max_people = gr.Slider(1, 10, value=4, step=1, label="Max people")
             coco17 = gr.Checkbox(False, label="COCO-17 keypoints (instead of BlazePose's 33)")
@@ -204,7 +204,7 @@ def _build_photo(models: list[str]) -> None:
 
     inputs = [image, model, max_people, coco17, threshold, joint]
     outputs = [state, drawn, json_file, info, confidence]
-    button.click(estimate_photo, inputs, outputs)
+    button.click(estimate_photo, inputs, outputs, api_name="pose_photo")
     image.upload(estimate_photo, inputs, outputs)
     threshold.release(render_photo, [state, coco17, threshold], [drawn, json_file, info])
     coco17.change(switch_layout, [state, coco17, threshold, joint],

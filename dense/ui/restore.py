@@ -38,6 +38,7 @@ PREFERRED_PAIRS = (("unet-sr-x4", "unet-sr-x4-gan"), ("unet-deblur", "unet-deblu
                    ("realesrgan-x4plus", "realesr-animevideov3"),
                    ("waifu2x-photo-x2", "waifu2x-photo-x2-denoise1"))
 DEMO_NOISE = 1.0  # grey levels of noise added when "Degrade first" blurs a photo
+SSIM_WINDOW = 11  # R.ssim_y's window: "Degrade first" scores need this much after the border
 
 
 def max_output_pixels() -> int:
@@ -96,6 +97,16 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
 
 
+def _check_scorable(original: np.ndarray, border: int) -> None:
+    """Refuse a photo too small to score: SSIM's window must fit after the border crop."""
+    need = SSIM_WINDOW + 2 * border
+    h, w = original.shape[:2]
+    if min(h, w) < need:
+        raise gr.Error(f"The photo ({w}×{h}) is too small for 'Degrade first': scoring it needs "
+                       f"at least {need}×{need} pixels. Untick 'Degrade first' to restore it as "
+                       "it is.")
+
+
 def prepare(image: Any, label: str, degrade_first: bool) -> Prepared:
     """Decode, degrade if asked, and enforce the output size limit."""
     decoded = common.decode(image)
@@ -107,11 +118,11 @@ def prepare(image: Any, label: str, degrade_first: bool) -> Prepared:
             alpha = None
         if task == "sr":
             original = R.mod_crop(rgb, scale)
-            if min(original.shape[:2]) < 4 * scale:
-                raise gr.Error(f"The photo is too small to shrink ×{scale}.")
+            _check_scorable(original, scale)
             prepared = Prepared(R.degrade_sr(original, scale), original, None, scale, notes)
         else:
             kernel = demo_kernel()
+            _check_scorable(rgb, kernel.shape[0] // 2)
             blurred = R.degrade_blur(rgb, kernel, DEMO_NOISE, np.random.default_rng(0))
             prepared = Prepared(blurred, rgb, None, kernel.shape[0] // 2, notes)
     else:
@@ -177,6 +188,7 @@ def metrics_markdown(rows: dict[str, dict[str, float]], notes: list[str] | None 
     return text + "".join(f"\n{n}\n" for n in notes or [])
 
 
+@common.user_errors("Restoring")
 def restore_event(image: Any, label: str, model_id: str, degrade_first: bool,
                   progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 - Gradio's API
     result = restore_image(image, label, model_id, degrade_first, progress)
@@ -201,6 +213,7 @@ def compare_models(image: Any, label: str, model_a: str, model_b: str, degrade_f
     return (outputs[0], outputs[1]), metrics
 
 
+@common.user_errors("Comparing")
 def compare_event(image: Any, label: str, model_a: str, model_b: str, degrade_first: bool,
                   progress: gr.Progress = gr.Progress()) -> tuple:  # noqa: B008 - Gradio's API
     if model_a == model_b:
@@ -230,8 +243,7 @@ def build() -> None:
     )
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Photo", type="filepath", image_mode=None, format="png",
-                             sources=["upload", "clipboard"])
+            image = common.photo_input(label="Photo", sources=["upload", "clipboard"])
             task = gr.Radio(list(TASKS), value=first, label="Task")
             model = gr.Dropdown(models, value=models[0], label="Model")
             degrade = gr.Checkbox(True, label="Degrade first (then score against the original)")
@@ -251,6 +263,7 @@ def build() -> None:
                                     interactive=False)
     compare_metrics = gr.Markdown()
     task.change(update_models, task, [model, model_a, model_b])
-    button.click(restore_event, [image, task, model, degrade], [slider, metrics, download])
+    button.click(restore_event, [image, task, model, degrade], [slider, metrics, download],
+                 api_name="restore")
     compare_button.click(compare_event, [image, task, model_a, model_b, degrade],
-                         [compare_slider, compare_metrics])
+                         [compare_slider, compare_metrics], api_name="restore_compare")

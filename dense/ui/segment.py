@@ -74,6 +74,7 @@ def render(result: Result | None, opacity: float) -> tuple:
     return over, annotated, legend_html(result), str(mask_path), overlay_path
 
 
+@common.user_errors("Segmentation")
 def segment(image: Any, model_id: str, opacity: float) -> tuple:
     """Run the model and draw everything: the tab's main event."""
     result = run(image, model_id)
@@ -91,8 +92,7 @@ def build() -> None:
     state = gr.State(None)
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Photo", type="filepath", image_mode=None,
-                             sources=["upload", "webcam", "clipboard"], format="png")
+            image = common.photo_input(label="Photo", sources=["upload", "webcam", "clipboard"])
             model = gr.Dropdown(models, value=models[0] if models else None, label="Model")
             opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
             button = gr.Button("Segment", variant="primary")
@@ -106,6 +106,6 @@ def build() -> None:
             mask_file = gr.File(label="Label mask (palette PNG: pixel value = class index)")
             overlay_file = gr.File(label="Overlay (PNG)")
     outputs = [overlay, annotated, legend, mask_file, overlay_file]
-    button.click(segment, [image, model, opacity], [state, *outputs])
+    button.click(segment, [image, model, opacity], [state, *outputs], api_name="segment")
     image.upload(segment, [image, model, opacity], [state, *outputs])
     opacity.release(render, [state, opacity], outputs)
