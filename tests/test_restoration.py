@@ -213,6 +213,37 @@ class OOMOnCuda(OOMAbove):
         return self.inner(x)
 
 
+def test_out_of_memory_falls_back_to_cpu_simulated(caplog: pytest.LogCaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accelerator path without one: the model claims a non-CPU device ("meta", which needs
+    no GPU) and runs out of memory at every tile size; run_tiled must halve the tiles, then move
+    to a CPU copy, and still give the right result."""
+    always = OOMAbove(0)
+    monkeypatch.setattr(R, "model_device", lambda m: torch.device("meta"))
+    monkeypatch.setattr(R, "_cpu_copy", lambda m: R.BicubicUpscaler(2))
+    x = torch.rand(1, 3, 40, 40)
+    with caplog.at_level(logging.WARNING, logger="dense.tasks.restoration"):
+        out = R.run_tiled(always, x, 2, tile=64)
+    assert "retrying with" in caplog.text and "falling back to the CPU" in caplog.text
+    np.testing.assert_allclose(out, R.BicubicUpscaler(2)(x), atol=1e-5)
+
+
+def test_the_tab_tells_the_user_about_an_out_of_memory_retry(monkeypatch) -> None:
+    from dense.ui import restore as tab
+
+    real = R.restore
+
+    def restore_with_a_retry(*args, **kwargs):
+        R.log.warning("out of memory with %d px tiles on %s; retrying with %d px tiles",
+                      256, "cuda:0", 128)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "restore", restore_with_a_retry)
+    result = tab.restore_image(photo()[:48, :48], "Super-resolution ×2", "waifu2x-photo-x2",
+                               degrade_first=True)
+    assert any("retrying with 128 px tiles" in n for n in result.notes)
+
+
 @pytest.mark.gpu
 def test_out_of_memory_falls_back_to_cpu(caplog: pytest.LogCaptureFixture) -> None:
     model = OOMOnCuda(0)

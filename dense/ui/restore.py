@@ -13,7 +13,11 @@ overrides both.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,14 +167,36 @@ def _progress_callback(progress: Any, desc: str):
     return lambda fraction: progress(fraction, desc=desc)
 
 
+@contextlib.contextmanager
+def warnings_of_this_request(logger: str = R.__name__) -> Iterator[list[str]]:
+    """Collect what ``logger`` warns about in this thread (out of memory → smaller tiles → CPU),
+    so the user is told, not only the server log."""
+    messages: list[str] = []
+    thread = threading.get_ident()
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.thread == thread:
+                messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logging.getLogger(logger).addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger(logger).removeHandler(handler)
+
+
 def restore_image(image: Any, label: str, model_id: str, degrade_first: bool,
                   progress: Any = None) -> Restored:
     """Restore one photo with one model: the tab's main work, callable without a browser."""
     prepared = prepare(image, label, degrade_first)
     scale = TASKS[label][1]
     model = get_restorer(model_id, label)
-    after = R.restore(model, prepared.degraded, _progress_callback(progress, model_id),
-                      alpha=prepared.alpha)
+    with warnings_of_this_request() as warnings:
+        after = R.restore(model, prepared.degraded, _progress_callback(progress, model_id),
+                          alpha=prepared.alpha)
+    prepared.notes.extend(f"Note: {w}." for w in warnings)
     before = resized_input(prepared, scale)
     metrics = {}
     if prepared.original is not None:
