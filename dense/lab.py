@@ -303,7 +303,8 @@ def is_trained(seed: int, upsampler: str, base: dict[str, Any] | None = None) ->
 
 
 def train_lab(seed: int, upsampler: str, *, steps: int | None = None,
-              out_dir: Path | None = None, log: Callable[[str], None] = print) -> Path:
+              out_dir: Path | None = None, threads: int | None = None,
+              log: Callable[[str], None] = print) -> Path:
     """Train (or resume) lab model ``upsampler`` with ``seed``; return the run folder.
 
     ``steps`` overrides the recipe's step count (for a smoke run; use with ``out_dir`` so a
@@ -319,7 +320,8 @@ def train_lab(seed: int, upsampler: str, *, steps: int | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({**config, "seed": seed, "steps": steps},
                                                    indent=2))
-    torch.set_num_threads(train["threads"])
+    # Threads change only the speed (and float summation order), not the recipe.
+    torch.set_num_threads(threads or train["threads"])
     # The initial weights: the encoder is built first, so it starts identical in all five.
     torch.manual_seed(seed)
     model = build_model(upsampler, base)
@@ -626,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, nargs="+", default=[0])
     p.add_argument("--steps", type=int, default=None, help="override (smoke runs; use --out)")
     p.add_argument("--out", type=Path, default=None, help="run folder (one upsampler and seed)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: recipe's)")
     p = sub.add_parser("bench", help="the lab table (trains missing runs first)")
     add_bench_arguments(p)
     return parser
@@ -658,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--out takes one upsampler and one seed")
     for seed in args.seed:
         for upsampler in upsamplers:
-            train_lab(seed, upsampler, steps=args.steps, out_dir=args.out)
+            train_lab(seed, upsampler, steps=args.steps, out_dir=args.out, threads=args.threads)
     return 0
 
 

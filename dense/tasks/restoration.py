@@ -882,7 +882,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.task == "gan" and "gan" not in config:
         print(f"error: {args.config} has no [gan] section", file=sys.stderr)
         return 2
-    for key, value in (("epochs", args.epochs), ("steps_per_epoch", args.steps)):
+    for key, value in (("epochs", args.epochs), ("steps_per_epoch", args.steps),
+                       ("threads", args.threads)):
         if value:
             config["train"][key] = value
     if args.run_dir:
@@ -952,6 +953,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--epochs", type=int, help="override the config's epochs")
         p.add_argument("--steps", type=int, help="override the config's steps per epoch")
         p.add_argument("--run-dir", type=Path, help="override the config's run folder")
+        p.add_argument("--threads", type=int, help="override the config's CPU threads")
         p.set_defaults(func=_train)
 
 
