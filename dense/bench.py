@@ -128,11 +128,13 @@ def onnxruntime_peer(model_id: str, model: torch.nn.Module, x: torch.Tensor,
         import onnxruntime as ort
     except ImportError:
         return None
-    from dense.export import export_onnx
+    from dense.export import export_onnx, export_size
 
-    path = package_cache() / "onnx" / f"{Path(model_id).name}.onnx"
+    size = export_size(model, tuple(x.shape[-2:]))
+    suffix = f"-{size[0]}x{size[1]}" if size else ""
+    path = package_cache() / "onnx" / f"{Path(model_id).name}{suffix}.onnx"
     if not path.is_file():
-        export_onnx(zoo.load(model_id, device="cpu"), path)
+        export_onnx(zoo.load(model_id, device="cpu"), path, size)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -27,24 +27,41 @@ class _Flat(nn.Module):
         return tuple(out[k] for k in self.keys) if self.keys else out
 
 
-def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
-    size = model.config.get("input", {}).get("size") or (64, 64)
+def export_size(model: nn.Module, size: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """The fixed input size of the export, or None for dynamic height and width.
+
+    Models with a fixed input (their config names one) keep it. Our U-Nets pad the input to a
+    multiple of their stride and crop the output back, with Python arithmetic on the traced
+    size, which the ONNX tracer freezes: they are exported for one size (default 256×256).
+    The ports' graphs (RRDBNet, SRVGG, waifu2x) have no such step and stay fully dynamic.
+    """
+    fixed = model.config.get("input", {}).get("size")
+    if fixed:
+        return tuple(fixed)
+    if size:
+        return tuple(size)
+    return (256, 256) if model.config.get("architecture") == "unet" else None
+
+
+def example_input(model: nn.Module, batch: int = 1,
+                  size: tuple[int, int] | None = None) -> torch.Tensor:
+    size = export_size(model, size) or (64, 64)
     return torch.rand(batch, 3, *size, generator=torch.Generator().manual_seed(0))
 
 
-def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
+def export_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = None,
+                opset: int = 17) -> Path:
     """Write ``model`` (from ``dense.load``, on CPU) to ``path``; return the path.
 
-    Fixed-size models (their config names an input size) get a dynamic batch only; the others
-    a dynamic batch, height and width.
+    The batch is always dynamic; height and width too unless :func:`export_size` fixes them.
     """
     model = model.eval().cpu()
-    x = example_input(model)
+    x = example_input(model, size=size)
     with torch.inference_mode():
         out = model(x)
     keys = sorted(out) if isinstance(out, dict) else None
     names = keys or ["output"]
-    fixed = bool(model.config.get("input", {}).get("size"))
+    fixed = export_size(model, size) is not None
     axes = {0: "batch"} if fixed else {0: "batch", 2: "height", 3: "width"}
     dynamic = {"image": axes, **{n: {0: "batch"} for n in names}}
     path = Path(path)
@@ -54,14 +71,15 @@ def export_onnx(model: nn.Module, path: Path, opset: int = 17) -> Path:
     return path
 
 
-def check_onnx(model: nn.Module, path: Path, tolerance: float = 5e-3) -> float:
+def check_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = None,
+               tolerance: float = 5e-3) -> float:
     """Largest difference between onnxruntime and PyTorch on a random input, relative to each
     output's largest magnitude (logits of random noise reach the hundreds; fp32 reassociation
     then moves them by more than any absolute tolerance fit for probabilities)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = example_input(model, batch=2)
+    x = example_input(model, batch=2, size=size)
     got = session.run(None, {"image": x.numpy()})
     with torch.inference_mode():
         out = model.cpu()(x)
@@ -75,9 +93,10 @@ def check_onnx(model: nn.Module, path: Path, tolerance: float = 5e-3) -> float:
 
 def _export(args: argparse.Namespace) -> int:
     model = zoo.load(args.model, device="cpu")
-    path = export_onnx(model, args.out or Path(f"{Path(args.model).name}.onnx"))
+    size = tuple(args.size) if args.size else None
+    path = export_onnx(model, args.out or Path(f"{Path(args.model).name}.onnx"), size)
     try:
-        diff = check_onnx(model, path)
+        diff = check_onnx(model, path, size)
     except ImportError:
         print(f"wrote {path} (onnxruntime not installed: not checked)")
         return 0
@@ -92,4 +111,6 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("onnx", help="a zoo model as ONNX, checked with onnxruntime")
     p.add_argument("model", help="model id, folder or Hub repo")
     p.add_argument("--out", type=Path, help="output file (default <id>.onnx)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="fixed input size (our U-Nets are exported for one size; default 256 256)")
     p.set_defaults(func=_export)

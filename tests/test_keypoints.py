@@ -50,6 +50,17 @@ def test_loss_sums_over_maps_and_ignores_unlabelled_keypoints() -> None:
     assert kp.keypoint_loss(pred, (target, weight)).item() == pytest.approx(1.5)
 
 
+def test_foreground_weight_counts_the_bumps_more() -> None:
+    target = torch.zeros(1, 1, 2, 2)
+    target[0, 0, 0, 0] = 1.0
+    weight = torch.ones(1, 1)
+    zero = torch.zeros(1, 1, 2, 2)
+    assert kp.keypoint_loss(zero, (target, weight)).item() == pytest.approx(0.25)
+    # the one bump pixel weighs 1 + 3·1 = 4: (4·1) / 4 pixels
+    assert kp.keypoint_loss(zero, (target, weight), foreground_weight=3).item() == pytest.approx(1)
+    assert kp.keypoint_loss(target, (target, weight), foreground_weight=3).item() == 0
+
+
 def _synthetic_coco(points: np.ndarray) -> dict:
     annotations = [{"id": i + 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
                     "bbox": [float(p[:, 0].min()), float(p[:, 1].min()),

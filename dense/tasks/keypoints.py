@@ -149,11 +149,21 @@ class KeypointCrops(torch.utils.data.Dataset):
 # Loss and decoding
 
 
-def keypoint_loss(maps: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def keypoint_loss(maps: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor],
+                  foreground_weight: float = 0.0) -> torch.Tensor:
     """Mean squared error per map (unlabelled keypoints weigh 0), summed over the K channels,
-    averaged over the batch."""
+    averaged over the batch.
+
+    ``foreground_weight`` w weighs each pixel by 1 + w·target: a bump covers a tiny share of a
+    full-resolution map, so plain MSE is nearly as low for an all-zero map, where training
+    with a pretrained encoder can sit for hundreds of steps; weighting the bumps removes that
+    plateau without changing where the minimum is (the target itself).
+    """
     heatmaps, weight = target
-    per_map = ((maps - heatmaps) ** 2).mean(dim=(2, 3))
+    squared = (maps - heatmaps) ** 2
+    if foreground_weight:
+        squared = squared * (1 + foreground_weight * heatmaps)
+    per_map = squared.mean(dim=(2, 3))
     return (per_map * weight).sum(dim=1).mean()
 
 
@@ -318,7 +328,10 @@ def train_from_config(config: dict, data_root: Path, log=print) -> Path:
     run_dir = Path(config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    fit(model, batches, keypoint_loss, evaluate, run_dir, epochs=train["epochs"],
+    def loss(maps: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return keypoint_loss(maps, target, train.get("foreground_weight", 0.0))
+
+    fit(model, batches, loss, evaluate, run_dir, epochs=train["epochs"],
         steps_per_epoch=train["steps_per_epoch"], lr=train["lr"],
         weight_decay=train.get("weight_decay", 1e-4), monitor="ap", log=log)
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)

@@ -80,6 +80,13 @@ def demo_kernel() -> np.ndarray:
 
 
 def get_restorer(model_id: str, label: str) -> nn.Module:
+    # The dropdowns accept any value (their choices change with the task, and API clients send
+    # any task's model), so the choice is checked here against the zoo's list for the task.
+    if label not in TASKS:
+        raise gr.Error(f"Unknown task '{label}'; choose one of {', '.join(TASKS)}.")
+    if model_id not in task_models(label):
+        raise gr.Error(f"'{model_id}' does not do {label.lower()}; choose one of "
+                       f"{', '.join(task_models(label))}.")
     if model_id in BASELINES.values():
         return R.load_restorer(model_id, TASKS[label][1])
     model = common.get_model(model_id)
@@ -271,7 +278,7 @@ def build() -> None:
         with gr.Column():
             image = common.photo_input(label="Photo", sources=["upload", "clipboard"])
             task = gr.Radio(list(TASKS), value=first, label="Task")
-            model = gr.Dropdown(models, value=models[0], label="Model")
+            model = gr.Dropdown(models, value=models[0], label="Model", allow_custom_value=True)
             degrade = gr.Checkbox(True, label="Degrade first (then score against the original)")
             button = gr.Button("Restore", variant="primary")
             gr.Examples(common.example_photos(), inputs=image)
@@ -282,8 +289,8 @@ def build() -> None:
             download = gr.File(label="Restored, full resolution (PNG)")
     gr.Markdown("### Two models side by side")
     with gr.Row():
-        model_a = gr.Dropdown(models, value=pair[0], label="Left")
-        model_b = gr.Dropdown(models, value=pair[1], label="Right")
+        model_a = gr.Dropdown(models, value=pair[0], label="Left", allow_custom_value=True)
+        model_b = gr.Dropdown(models, value=pair[1], label="Right", allow_custom_value=True)
         compare_button = gr.Button("Compare")
     compare_slider = gr.ImageSlider(label="Left model | right model", format="png",
                                     interactive=False)
