@@ -7,9 +7,12 @@ automatically), ``best.pt`` (the weights with the best validation score), ``hist
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -17,6 +20,35 @@ import cv2
 import numpy as np
 import torch
 from torch import nn
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every `dense train TASK CONFIG` takes."""
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--data", type=Path,
+                        help="data root (default DENSE_DATA or ../shared/data)")
+    parser.add_argument("--epochs", type=int, help="override the config's epochs")
+    parser.add_argument("--steps", type=int, help="override the config's steps per epoch")
+    parser.add_argument("--run-dir", type=Path, help="override the config's run folder")
+    parser.add_argument("--threads", type=int, help="override the config's CPU threads")
+
+
+def read_run_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
+    """The config file with the command line's overrides, and the data root (None, after an
+    error line on stderr, when there is none)."""
+    from dense.data import data_root
+
+    config = tomllib.loads(args.config.read_text(encoding="utf-8"))
+    for key, value in (("epochs", args.epochs), ("steps_per_epoch", args.steps),
+                       ("threads", args.threads)):
+        if value:
+            config["train"][key] = value
+    if args.run_dir:
+        config["run_dir"] = str(args.run_dir)
+    root = args.data or data_root()
+    if root is None:
+        print("error: no data folder: pass --data or set DENSE_DATA", file=sys.stderr)
+    return config, (Path(root) if root else None)
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int,

@@ -18,7 +18,6 @@ import contextlib
 import io
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -378,21 +377,12 @@ RGB in [0, 1] ({zoo['input']['crop']}). **Output:** {zoo['output']}; decode with
 
 
 def _train(args: argparse.Namespace) -> int:
-    import tomllib
+    from dense.train import read_run_config
 
-    from dense.data import data_root
-
-    config = tomllib.loads(args.config.read_text(encoding="utf-8"))
-    for key in ("epochs", "steps_per_epoch"):
-        if getattr(args, key):
-            config["train"][key] = getattr(args, key)
-    if args.run_dir:
-        config["run_dir"] = str(args.run_dir)
-    root = args.data or data_root()
+    config, root = read_run_config(args)
     if root is None:
-        print("error: no data folder: pass --data or set DENSE_DATA", file=sys.stderr)
         return 2
-    run_dir = train_from_config(config, Path(root))
+    run_dir = train_from_config(config, root)
     print(f"model folder: {run_dir / 'model'}")
     return 0
 
@@ -417,13 +407,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    from dense.train import add_run_arguments
+
     p = subparsers.add_parser("keypoints", help="keypoint U-Net from a config "
                                                 "(e.g. configs/keypoints-coco-sample.toml)")
-    p.add_argument("config", type=Path)
-    p.add_argument("--data", type=Path, help="data root (default DENSE_DATA or ../shared/data)")
-    p.add_argument("--epochs", type=int, help="override the config's epochs")
-    p.add_argument("--steps-per-epoch", type=int, help="override the config's steps per epoch")
-    p.add_argument("--run-dir", type=Path, help="override the config's run folder")
+    add_run_arguments(p)
     p.set_defaults(func=_train)
 
 

@@ -869,11 +869,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import tomllib
+    from dense.train import read_run_config
 
-    from dense.data import data_root
-
-    config = tomllib.loads(args.config.read_text(encoding="utf-8"))
+    config, root = read_run_config(args)
     expected = {"sr": "sr", "deblur": "deblur"}.get(args.task)
     if expected and config.get("task") != expected:
         print(f"error: {args.config} is a '{config.get('task')}' config; use "
@@ -882,17 +880,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.task == "gan" and "gan" not in config:
         print(f"error: {args.config} has no [gan] section", file=sys.stderr)
         return 2
-    for key, value in (("epochs", args.epochs), ("steps_per_epoch", args.steps),
-                       ("threads", args.threads)):
-        if value:
-            config["train"][key] = value
-    if args.run_dir:
-        config["run_dir"] = str(args.run_dir)
-    root = args.data or data_root()
     if root is None:
-        print("error: no data folder: pass --data or set DENSE_DATA", file=sys.stderr)
         return 2
-    (train_gan if args.task == "gan" else train_restoration)(config, Path(root))
+    (train_gan if args.task == "gan" else train_restoration)(config, root)
     return 0
 
 
@@ -944,16 +934,13 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    from dense.train import add_run_arguments
+
     for name, text in (("sr", "super-resolution U-Net, L2 (configs/unet-sr-x4.toml)"),
                        ("deblur", "deblurring U-Net, L2 (configs/unet-deblur.toml)"),
                        ("gan", "restoration U-Net with a PatchGAN (configs/unet-sr-x4-gan.toml)")):
         p = subparsers.add_parser(name, help=text)
-        p.add_argument("config", type=Path)
-        p.add_argument("--data", type=Path, help="data root (default DENSE_DATA or ../shared/data)")
-        p.add_argument("--epochs", type=int, help="override the config's epochs")
-        p.add_argument("--steps", type=int, help="override the config's steps per epoch")
-        p.add_argument("--run-dir", type=Path, help="override the config's run folder")
-        p.add_argument("--threads", type=int, help="override the config's CPU threads")
+        add_run_arguments(p)
         p.set_defaults(func=_train)
 
 

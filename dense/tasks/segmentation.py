@@ -294,20 +294,12 @@ def _classes(root: Path) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import tomllib
+    from dense.train import read_run_config
 
-    from dense.data import data_root
-
-    config = tomllib.loads(args.config.read_text(encoding="utf-8"))
-    if args.epochs:
-        config["train"]["epochs"] = args.epochs
-    if args.run_dir:
-        config["run_dir"] = str(args.run_dir)
-    root = args.data or data_root()
+    config, root = read_run_config(args)
     if root is None:
-        print("error: no data folder: pass --data or set DENSE_DATA", file=sys.stderr)
         return 2
-    train_from_config(config, Path(root))
+    train_from_config(config, root)
     return 0
 
 
@@ -362,12 +354,11 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    from dense.train import add_run_arguments
+
     p = subparsers.add_parser("seg", help="segmentation U-Net from a config "
                                           "(e.g. configs/unet-camvid.toml)")
-    p.add_argument("config", type=Path)
-    p.add_argument("--data", type=Path, help="data root (default DENSE_DATA or ../shared/data)")
-    p.add_argument("--epochs", type=int, help="override the config's epochs")
-    p.add_argument("--run-dir", type=Path, help="override the config's run folder")
+    add_run_arguments(p)
     p.set_defaults(func=_train)
 
 
