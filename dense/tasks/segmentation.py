@@ -443,9 +443,14 @@ def export_run(run_dir: Path, out_dir: Path, data_root: Path, test_time_flip: bo
 def _camvid_card(config: dict, m: dict) -> str:
     rows = "\n".join(f"| {name} | {iou:.3f} |" for name, iou in m["val_per_class_iou"].items())
     train = config["training"]["config"]["train"]
-    stage = (f", starting from the weights of a first run ({train['init']}, same recipe, "
-             f"{train['first_stage_epochs']} epochs at lr {train['first_stage_lr']})"
-             if train.get("init") else "")
+    # Configs are named after their run folders (configs/unet-camvid-stage2.toml → runs/…).
+    command = f"`dense train seg configs/{Path(config['training']['config']['run_dir']).name}.toml`"
+    stage = ""
+    if train.get("init"):
+        first = f"`dense train seg configs/{Path(train['init']).parent.name}.toml`"
+        command = f"{first}, then {command}"
+        stage = (f", starting from the weights of the first run ({train['init']}, same recipe, "
+                 f"{train['first_stage_epochs']} epochs at lr {train['first_stage_lr']})")
     return f"""---
 license: cc-by-nc-4.0
 library_name: dense
@@ -465,7 +470,7 @@ connections concatenated. {m['params'] / 1e6:.2f} M parameters, {m['gflops_360x4
 
 **Input:** N×3×H×W RGB in [0, 1], any size (trained at 360×480). **Output:** N×11×H×W logits.
 
-**Training:** `dense train seg configs/unet-camvid.toml` on CamVid train (367 images):
+**Training:** {command} on CamVid train (367 images):
 per-pixel cross-entropy summed over pixels with ENet class weights, AdamW lr {train['lr']},
 cosine schedule, {train['epochs']} epochs of batch {train['batch_size']} random
 {train['crop'][0]}×{train['crop'][1]} crops (scale jitter {train['scale']}, flips, colour
