@@ -38,6 +38,20 @@ def machine() -> dict:
     }
 
 
+def count_flops(model: torch.nn.Module, size: tuple[int, int]) -> int:
+    """FLOPs (2 per multiply-add) of one forward pass on a 1×3×H×W input, by PyTorch's counter.
+
+    Counts convolutions (transposed included) and matrix products; interpolation, pooling and
+    element-wise ops are not counted.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(1, 3, *size, device=next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return int(counter.get_total_flops())
+
+
 def default_size(model: torch.nn.Module) -> tuple[int, int]:
     size = model.config.get("input", {}).get("size")
     return tuple(size) if size else (256, 256)

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from dense import zoo
+from dense.bench import count_flops as bench_flops
 from dense.data import require_data
 from dense.devices import model_device
 from dense.nn.unet import UNet
@@ -253,15 +253,8 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_flops(model: nn.Module, size: tuple[int, int] = BENCH_SIZE) -> int:
-    """FLOPs (2 per multiply-add) of one forward pass on a 1×3×H×W input, by PyTorch's counter.
-
-    Counts convolutions (transposed included) and matrix products; interpolation and the
-    residual add are not counted (they are the same for all five and comparatively free).
-    """
-    x = torch.rand(1, 3, *size, device=model_device(model))
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return int(counter.get_total_flops())
+    """FLOPs of one forward pass (``dense.bench.count_flops``) at the lab's benchmark size."""
+    return bench_flops(model, size)
 
 
 @torch.inference_mode()

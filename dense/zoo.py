@@ -201,7 +201,7 @@ def build(config: dict[str, Any]) -> nn.Module:
 
 
 def load(
-    name: str,
+    name: str | Path,
     device: str | torch.device | None = "auto",
     *,
     verify_checksum: bool = True,
@@ -212,6 +212,7 @@ def load(
     >>> model.config["task"]
     'classification'
     """
+    name = str(name)
     folder = resolve(name)
     config = read_config(folder, name)
     if verify_checksum:

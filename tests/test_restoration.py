@@ -368,6 +368,17 @@ def test_train_restoration_smoke_and_export(tiny_data: Path, tmp_path: Path, tas
     assert model.config["task"] == (R.SR_TASK if task == "sr" else R.DEBLUR_TASK)
     assert R.restore(model, photo()[:20, :24]).shape == ((40, 48, 3) if task == "sr"
                                                           else (20, 24, 3))
+    # `dense export sr|deblur RUN`: benchmarked beside the baseline, the table in the card.
+    folder = R.export_run(run, tmp_path / "bundled", tiny_data, log=lambda _: None)
+    config = json.loads((folder / "config.json").read_text())
+    (bench,) = config["metrics"]["benchmarks"]
+    baseline = "bicubic" if task == "sr" else "blurred input"
+    assert set(bench["models"]) == {baseline, f"tiny-{task}"}
+    card = (folder / "README.md").read_text()
+    assert f"| {bench['set']} | {baseline} | {bench['models'][baseline]['psnr_y']:.2f} |" in card
+    assert zoo.load(folder, device="cpu").config["id"] == f"tiny-{task}"
+    wrong = "deblur" if task == "sr" else "sr"
+    assert main(["export", wrong, str(run), "--data", str(tiny_data)]) == 2
 
 
 def test_train_gan_runs_and_resumes(tiny_data: Path, tmp_path: Path) -> None:
@@ -381,6 +392,18 @@ def test_train_gan_runs_and_resumes(tiny_data: Path, tmp_path: Path) -> None:
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
     assert {"loss_d", "loss_g", "d_acc_real", "d_acc_fake", "psnr"} <= set(history[0])
+    folder = R.export_run(run, tmp_path / "bundled", tiny_data, log=lambda _: None)
+    assert (folder / "samples.png").is_file() and (folder / "curves.png").is_file()
+    assert "adversarial loss" in (folder / "README.md").read_text()
+
+
+def test_gradient_ratio_is_one_for_the_target_and_lower_when_blurred() -> None:
+    sharp = photo()[:96, :128]
+    assert R.score(sharp, sharp, 4)["gradient_ratio"] == pytest.approx(1.0)
+    soft = cv2.GaussianBlur(sharp, (0, 0), 1.5)
+    assert R.score(soft, sharp, 4)["gradient_ratio"] < 0.8
+    noisy = np.clip(sharp + np.random.default_rng(0).normal(0, 12, sharp.shape), 0, 255)
+    assert R.score(noisy.astype(np.uint8), sharp, 4)["gradient_ratio"] > 1.1
 
 
 # ---------------------------------------------------------------------------------------------

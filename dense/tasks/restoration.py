@@ -207,6 +207,26 @@ def ssim_y(a: np.ndarray, b: np.ndarray, border: int) -> float:
     return float(ssim_map.mean())
 
 
+def gradient_energy(img: np.ndarray, border: int) -> float:
+    """Sum over the Y channel (``border`` cropped) of the Sobel gradient magnitude.
+
+    The sharpness measure: a restoration's ``gradient_energy`` divided by the target's is below
+    1 when it is softer than the real photo (the L2 model's regression to the mean), near 1 when
+    it has as much fine detail (wanted, or invented: PSNR says which).
+    """
+    y = rgb_to_y(img).astype(np.float32)
+    if border:
+        y = y[border:-border, border:-border]
+    gx, gy = cv2.Sobel(y, cv2.CV_32F, 1, 0), cv2.Sobel(y, cv2.CV_32F, 0, 1)
+    return float(np.sqrt(gx * gx + gy * gy).sum())
+
+
+def score(out: np.ndarray, target: np.ndarray, border: int) -> dict[str, float]:
+    """PSNR-Y, SSIM-Y and the gradient ratio (sharpness, 1 = the target's) of one restoration."""
+    return {"psnr_y": psnr_y(out, target, border), "ssim_y": ssim_y(out, target, border),
+            "gradient_ratio": gradient_energy(out, border) / gradient_energy(target, border)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Degradations
 
@@ -456,8 +476,7 @@ def evaluate_sr(model: nn.Module, hr_dir: Path, lr_dir: Path, scale: int, *,
     for name, hr, lr in zip(names, hr_images, lr_images, strict=True):
         hr = mod_crop(hr, scale)
         sr = restore(model, lr, tile=tile)[: hr.shape[0], : hr.shape[1]]
-        rows.append({"image": name, "psnr_y": psnr_y(sr, hr, scale),
-                     "ssim_y": ssim_y(sr, hr, scale)})
+        rows.append({"image": name, **score(sr, hr, scale)})
     return _summary(rows)
 
 
@@ -470,9 +489,9 @@ def _pair(hr: list[Path], lr: list[Path]) -> list[tuple[Path, Path]]:
 
 
 def _summary(rows: list[dict]) -> dict:
-    return {"psnr_y": float(np.mean([r["psnr_y"] for r in rows])),
-            "ssim_y": float(np.mean([r["ssim_y"] for r in rows])),
-            "images": len(rows), "per_image": rows}
+    means = {key: float(np.mean([r[key] for r in rows]))
+             for key in ("psnr_y", "ssim_y", "gradient_ratio")}
+    return {**means, "images": len(rows), "per_image": rows}
 
 
 def deblur_eval_set(sharp_dir: Path, kernels: list[np.ndarray], *, noise_sigma: float = 0.0,
@@ -503,8 +522,7 @@ def evaluate_deblur(model: nn.Module, items: list[tuple[str, np.ndarray, np.ndar
     rows = []
     for name, sharp, blurred, border in items:
         out = restore(model, blurred, tile=tile)
-        rows.append({"image": name, "psnr_y": psnr_y(out, sharp, border),
-                     "ssim_y": ssim_y(out, sharp, border)})
+        rows.append({"image": name, **score(out, sharp, border)})
     return _summary(rows)
 
 
@@ -644,21 +662,78 @@ class _Task:
         return np.concatenate(rows, axis=0)
 
 
+# Published PSNR-Y on the same protocol (../shared/README.md), to place our numbers.
+PUBLISHED = {
+    4: "Bicubic 28.42 / 26.00 / 25.96, SRCNN 30.48 / 27.49 / 26.90, FSRCNN 30.72 / 27.61 / "
+       "26.98, VDSR 31.35 / 28.01 / 27.29, EDSR 32.46 / 28.80 / 27.71 (Set5 / Set14 / B100)",
+    2: "Bicubic 33.66 / 30.24 / 29.56, VDSR 37.53 / 33.03 / 31.90, EDSR 38.11 / 33.92 / 32.32 "
+       "(Set5 / Set14 / B100)",
+}
+
+
 def _model_card(config: dict, metrics: dict, kind: str) -> str:
-    task = f"super-resolution ×{_scale(config)}" if config["task"] == "sr" else "deblurring"
-    return f"""# {config['id']}
+    """The model card; ``metrics`` is either a run's last validation entry or ``measure()``'s."""
+    scale = _scale(config)
+    task = f"super-resolution ×{scale}" if config["task"] == "sr" else "deblurring"
+    gan = config.get("gan")
+    loss = (f"{gan.get('content', 'l1').upper()} content loss + {gan.get('adv_weight', 5e-3)} × "
+            f"adversarial loss against a PatchGAN discriminator ({gan.get('d_steps', 1)} D step "
+            f"per G step), generator initialised from `{gan.get('init')}`" if gan else
+            "L2 (mean squared error) loss")
+    train = config["train"]
+    steps = train["epochs"] * train["steps_per_epoch"]
+    if config["task"] == "sr":
+        degradation = f"MATLAB-bicubic ÷{scale} (the benchmarks' protocol)"
+    else:
+        degradation = ("blurred with random synthesised motion kernels, Gaussians and the 12 "
+                       "kernels of kernels_12.npz, plus Gaussian noise up to σ = "
+                       f"{train.get('max_noise', 2.0)} grey levels")
+    text = f"""---
+license: other
+library_name: dense
+tags: [image-restoration, {config['task']}, unet{', gan' if gan else ''}]
+---
+# {config['id']}
 
-**Task:** {task}. **Architecture:** `dense.nn.unet.UNet` ({json.dumps(config['model'])}),
-trained from scratch by `dense train {kind} configs/{config['id']}.toml`.
+**Task:** {task}. **Architecture:** `dense.nn.unet.UNet` ({json.dumps(config['model'])}):
+a plain encoder, skip connections concatenated, the decoder's output added to the
+{'bicubic-upsampled' if scale > 1 else 'degraded'} input (the network learns what is missing).
 
-**Input:** N×3×H×W RGB in [0, 1]; any size. **Output:** RGB in [0, 1],
-×{_scale(config)}.
+**Input:** N×3×H×W RGB in [0, 1], any size. **Output:** N×3×{scale}H×{scale}W RGB in [0, 1].
 
-**Data:** random patches of {', '.join(config['data']['train'])} (T91: Yang et al.; BSD200:
-Berkeley BSDS500), degraded on the fly. Research use only, like the training images.
+**Training:** `dense train {'gan' if gan else config['task']} configs/{config['id']}.toml`:
+{loss}; {steps} steps of batch {train['batch_size']}, {train['patch']}-pixel patches of
+{', '.join(config['data']['train'])} (T91: Yang et al. 2010; BSD200: Martin et al. 2001),
+{degradation}; Adam(W), lr {train['lr']}.
 
-**Measured (PSNR/SSIM on Y, validation set of the run):** {json.dumps(metrics)}
+**Licence:** the training images are for research use; so are these weights.
 """
+    if "benchmarks" not in metrics:
+        return text + f"\n**Validation during training:** {json.dumps(metrics)}\n"
+    rows = []
+    for bench in metrics["benchmarks"]:
+        for name, m in bench["models"].items():
+            rows.append(f"| {bench['set']} | {name} | {m['psnr_y']:.2f} | {m['ssim_y']:.4f} | "
+                        f"{m['gradient_ratio']:.3f} |")
+    text += f"""
+**Measured** by `{metrics['command']}` ({metrics['machine']['cpu']}, torch
+{metrics['machine']['torch']}): PSNR and SSIM on the Y channel ({metrics['protocol']}); the
+gradient ratio is the output's Sobel gradient energy over the target's (sharpness: 1 = as
+detailed as the real photo, below 1 = softer). Every row was measured in the same run.
+
+| set | model | PSNR-Y (dB) | SSIM-Y | gradient ratio |
+|---|---|---:|---:|---:|
+{chr(10).join(rows)}
+
+{metrics['params'] / 1e6:.2f} M parameters, {metrics['gflops']:.1f} GFLOPs for a
+{metrics['size'][0]}×{metrics['size'][1]} input; CPU latency {metrics['cpu_ms']:.0f} ms
+(median of {metrics['runs']}, {metrics['machine']['threads']} threads).
+"""
+    if config["task"] == "sr" and scale in PUBLISHED:
+        text += f"\nPublished ×{scale} on this protocol: {PUBLISHED[scale]}.\n"
+    if metrics.get("selection"):
+        text += f"\n{metrics['selection']}\n"
+    return text
 
 
 def export_model(model: nn.Module, config: dict, metrics: dict, folder: Path,
@@ -676,6 +751,84 @@ def export_model(model: nn.Module, config: dict, metrics: dict, folder: Path,
         "training": kind, "metrics": metrics,
     }
     return save_folder(folder, model.state_dict(), zoo_config, _model_card(config, metrics, kind))
+
+
+def _benchmarks(config: dict, data_root: Path) -> tuple[list[tuple[str, Callable]], str]:
+    """The evaluations of a model card: (set name, model → result) pairs, and the protocol."""
+    if config["task"] == "sr":
+        scale = _scale(config)
+        sets = [(name, data_root / "sr" / "benchmark" / name / f"x{scale}")
+                for name in ("Set5", "Set14", "B100")]
+        return ([(name, lambda m, d=d: evaluate_sr(m, d / "hr", d / "lr", scale))
+                 for name, d in sets if d.is_dir()],
+                f"{scale} border pixels cropped, the benchmarks' MATLAB-bicubic LR files")
+    data = config["data"]
+    kernels = load_kernels(data_root / data["eval_kernels"])
+    items = deblur_eval_set(data_root / data["eval_sharp"], kernels,
+                            noise_sigma=data.get("eval_noise", 1.0))
+    name = f"{Path(data['eval_sharp']).parts[-3]} × {Path(data['eval_kernels']).stem}"
+    return ([(name, lambda m: evaluate_deblur(m, items))],
+            f"image i blurred with kernel i mod {len(kernels)} of {data['eval_kernels']} "
+            f"(never used in training), noise σ = {data.get('eval_noise', 1.0)}, the kernel "
+            "radius cropped")
+
+
+def measure(model: nn.Module, config: dict, data_root: Path,
+            references: dict[str, nn.Module], size: tuple[int, int] = (128, 128),
+            runs: int = 10) -> dict:
+    """Benchmark a restoration model beside its references (bicubic or the blurred input, and
+    e.g. the L2 model a GAN started from) on the standard sets, plus size, FLOPs and latency."""
+    from dense.bench import count_flops, machine, time_model
+
+    sets, protocol = _benchmarks(config, data_root)
+    models = {**references, config["id"]: model}
+    benchmarks = [{"set": name, "models": {
+        mid: {k: round(v, 4) for k, v in run(m).items() if k in ("psnr_y", "ssim_y",
+                                                                 "gradient_ratio")}
+        for mid, m in models.items()}} for name, run in sets]
+    x = torch.rand(1, 3, *size)
+    return {"benchmarks": benchmarks, "protocol": protocol,
+            "params": sum(p.numel() for p in model.parameters()),
+            "gflops": count_flops(model, size) / 1e9, "size": list(size),
+            "cpu_ms": time_model(model.cpu().eval(), x, runs)["median_ms"], "runs": runs,
+            "machine": machine()}
+
+
+def export_run(run_dir: Path, out_dir: Path | None, data_root: Path,
+               reference: str | None = None, log: Callable[[str], None] = print) -> Path:
+    """`dense export sr|deblur RUN_DIR`: a finished training run → a bundled model folder,
+    measured on the benchmarks beside its baseline (and, for a GAN, the L2 model it started
+    from), with curves, samples and the card."""
+    import shutil
+
+    from dense.zoo import load
+
+    config = json.loads((run_dir / "config.json").read_text())
+    model = load(run_dir / "model", device="cpu")
+    references: dict[str, nn.Module] = (
+        {"bicubic": BicubicUpscaler(_scale(config))} if config["task"] == "sr"
+        else {"blurred input": Identity()})
+    reference = reference or (config.get("gan") or {}).get("init")
+    if reference:
+        path = Path(reference)
+        start = load(path / "model" if (path / "model").is_dir() else reference, device="cpu")
+        references[start.config.get("id", path.name)] = start
+    metrics = measure(model, config, data_root, references)
+    metrics["command"] = f"dense export {config['task']} {run_dir}"
+    if "gan" not in config:
+        validation = config["data"].get("eval_hr") or config["data"].get("eval_sharp")
+        metrics["selection"] = ("The weights are those of the epoch with the best PSNR on "
+                                f"{validation} during training, so that set is not held out.")
+    out_dir = out_dir or Path("weights") / config["id"]
+    export_model(model, config, metrics, out_dir, "gan" if "gan" in config else config["task"])
+    for extra in ("curves.png",):
+        if (run_dir / extra).is_file():
+            shutil.copy(run_dir / extra, out_dir / extra)
+    samples = sorted((run_dir / "samples").glob("epoch_*.png"))
+    if samples:
+        shutil.copy(samples[-1], out_dir / "samples.png")
+    log(json.dumps({"id": config["id"], **{b["set"]: b["models"] for b in metrics["benchmarks"]}}))
+    return out_dir
 
 
 def _prepare(config: dict) -> Path:
@@ -888,9 +1041,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _print_result(result: dict, extra: dict) -> None:
     for row in result["per_image"]:
-        print(f"{row['image']:28} PSNR-Y {row['psnr_y']:6.2f} dB   SSIM-Y {row['ssim_y']:.4f}")
+        print(f"{row['image']:28} PSNR-Y {row['psnr_y']:6.2f} dB   SSIM-Y {row['ssim_y']:.4f}"
+              f"   gradient ratio {row['gradient_ratio']:.3f}")
     print(f"mean over {result['images']} images: PSNR-Y {result['psnr_y']:.2f} dB   "
-          f"SSIM-Y {result['ssim_y']:.4f}")
+          f"SSIM-Y {result['ssim_y']:.4f}   gradient ratio {result['gradient_ratio']:.3f}")
     print(json.dumps({**extra, **result}))
 
 
@@ -931,6 +1085,38 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--scale", type=int, help="only for --model bicubic")
         _common(p)
         p.set_defaults(func=_predict)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dense.data import data_root
+
+    config = json.loads((args.run_dir / "config.json").read_text())
+    if config.get("task") != args.task:
+        print(f"error: {args.run_dir} is a '{config.get('task')}' run; use "
+              f"`dense export {config.get('task')}`", file=sys.stderr)
+        return 2
+    if not (args.run_dir / "model").is_dir():
+        print(f"error: {args.run_dir} has no model/ folder yet (is training finished?)",
+              file=sys.stderr)
+        return 2
+    root = args.data or data_root()
+    if root is None:
+        print("error: no data folder: pass --data or set DENSE_DATA", file=sys.stderr)
+        return 2
+    export_run(args.run_dir, args.out, Path(root), args.reference)
+    return 0
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    for name in ("sr", "deblur"):
+        p = subparsers.add_parser(name, help=f"a {name} training run (L2 or GAN) → a model "
+                                             "folder, benchmarked, with its card")
+        p.add_argument("run_dir", type=Path)
+        p.add_argument("--out", type=Path, help="model folder (default weights/<id>)")
+        p.add_argument("--data", type=Path, help="data root (default DENSE_DATA or ../shared/data)")
+        p.add_argument("--reference", help="a model (run folder or id) measured beside it "
+                                           "(default: a GAN's initial L2 run)")
+        p.set_defaults(func=_export, task=name)
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -375,16 +375,6 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 # From a training run to a bundled model folder
 
 
-def count_flops(model: nn.Module, size: tuple[int, int]) -> int:
-    """Floating-point operations (multiply and add counted separately) of one forward pass."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.rand(1, 3, *size))
-    return counter.get_total_flops()
-
-
 def export_run(run_dir: Path, out_dir: Path, data_root: Path, test_time_flip: bool = False,
                log=print) -> Path:
     """Write the best checkpoint of a run as a model folder (fp16 weights), then measure the
@@ -394,7 +384,7 @@ def export_run(run_dir: Path, out_dir: Path, data_root: Path, test_time_flip: bo
     import statistics
     import time
 
-    from dense.bench import machine
+    from dense.bench import count_flops, machine
     from dense.zoo import load, save_folder
 
     run_config = json.loads((run_dir / "config.json").read_text())

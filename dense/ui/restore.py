@@ -155,8 +155,8 @@ def resized_input(prepared: Prepared, scale: int) -> np.ndarray:
 
 
 def scores(image: np.ndarray, original: np.ndarray, border: int) -> dict[str, float]:
-    return {"psnr_y": round(R.psnr_y(image[..., :3], original, border), 2),
-            "ssim_y": round(R.ssim_y(image[..., :3], original, border), 4)}
+    measured = R.score(image[..., :3], original, border)
+    return {key: round(value, 4) for key, value in measured.items()}
 
 
 @dataclass
@@ -216,8 +216,11 @@ def restore_image(image: Any, label: str, model_id: str, degrade_first: bool,
 def metrics_markdown(rows: dict[str, dict[str, float]], notes: list[str] | None = None) -> str:
     text = ""
     if rows:
-        text = ("| vs the original | PSNR-Y (dB) | SSIM-Y |\n|---|---:|---:|\n" + "".join(
-            f"| {name} | {m['psnr_y']:.2f} | {m['ssim_y']:.4f} |\n" for name, m in rows.items()))
+        # Gradient ratio: the output's detail (Sobel energy) over the original's; below 1 = soft.
+        text = ("| vs the original | PSNR-Y (dB) | SSIM-Y | sharpness (gradient ratio) |\n"
+                "|---|---:|---:|---:|\n" + "".join(
+                    f"| {name} | {m['psnr_y']:.2f} | {m['ssim_y']:.4f} "
+                    f"| {m['gradient_ratio']:.2f} |\n" for name, m in rows.items()))
     return text + "".join(f"\n{n}\n" for n in notes or [])
 
 
