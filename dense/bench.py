@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -148,23 +147,12 @@ def onnxruntime_peer(model_id: str, model: torch.nn.Module, x: torch.Tensor,
     suffix = f"-{size[0]}x{size[1]}" if size else ""
     path = package_cache() / "onnx" / f"{Path(model_id).name}{suffix}.onnx"
     if not path.is_file():
-        export_onnx(zoo.load(model_id, device="cpu"), path, size)
+        export_onnx(zoo.load(model_id, device="cpu", backend="eager"), path, size)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     feed = {"image": x.cpu().numpy()}
     return lambda: session.run(None, feed)
-
-
-def channels_last_variant(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    """Ours in channels_last memory format (oneDNN's preferred layout on CPU)."""
-    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-
-    def call() -> None:
-        with inference(x.device):
-            model_cl(x_cl)
-    return call
 
 
 def cold_start_s(model_id: str, size: tuple[int, int], device: str, threads: int) -> float:
@@ -197,10 +185,14 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             ours = time_model(model, x, runs)
-            rows = [{"runtime": "dense (torch eager)", **ours}]
+            # "ours" is what the app and `dense predict` run: the backend picked for the device.
+            rows = [{"runtime": f"dense ({getattr(model, 'backend', 'eager')}, served)", **ours}]
             if peers and dev.type == "cpu":
-                rows.append({"runtime": "dense (channels_last)",
-                             **time_calls(channels_last_variant(model, x), runs)})
+                for variant in ("eager", "channels_last"):
+                    if variant != getattr(model, "backend", None):
+                        other = zoo.load(model_id, dev, backend=variant)
+                        rows.append({"runtime": f"dense ({variant})",
+                                     **time_model(other, x, runs)})
                 for name, call in (
                         ("ai-edge-litert", litert_peer(model_id, x, threads)),
                         ("ncnn", ncnn_peer(model_id, x, threads)),

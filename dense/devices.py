@@ -1,17 +1,32 @@
-"""Device and precision choice. No code path assumes a GPU.
+"""Device, precision and backend choice. No code path assumes a GPU.
 
 On CUDA, models run in channels_last memory format under fp16 autocast (bf16 where the GPU
 prefers it); on CPU they run in fp32. ``DENSE_DEVICE`` or a ``--device`` flag overrides "auto".
+
+On CPU the backend is the fastest measured for the kind of model (docs/benchmarks.md):
+onnxruntime on our own ONNX export for the fixed-size MediaPipe graphs (hundreds of small ops,
+where eager PyTorch pays a dispatch per op), channels_last PyTorch for everything else (big
+convolutions, where oneDNN wants NHWC). ``DENSE_BACKEND`` (``eager``, ``channels_last``,
+``onnxruntime``) forces one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
 import os
 from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "eager", "channels_last", "onnxruntime")
+# Architectures for which onnxruntime on our export beat channels_last PyTorch on CPU by 1.4-3.6×
+# in docs/benchmarks.md (the MediaPipe graphs, all with a fixed input size).
+ONNXRUNTIME_FASTER = frozenset({"selfie_segmentation", "blazepose_landmark", "blazepose_detector"})
 
 
 def pick_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -26,11 +41,44 @@ def pick_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
-def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Put a model in eval mode on ``device``, channels_last on CUDA."""
+def pick_backend(model: nn.Module, device: torch.device, backend: str | None = "auto") -> str:
+    """``auto`` → the fastest measured backend for this model on ``device`` (see module doc)."""
+    backend = backend if backend not in (None, "", "auto") else os.environ.get("DENSE_BACKEND",
+                                                                               "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
+    if device.type != "cpu":
+        return "channels_last"  # with autocast; onnxruntime serves only CPU here
+    if backend != "auto":
+        return backend
+    architecture = getattr(model, "config", {}).get("architecture")
+    if architecture in ONNXRUNTIME_FASTER and importlib.util.find_spec("onnxruntime"):
+        return "onnxruntime"
+    return "channels_last"
+
+
+def prepare_model(model: nn.Module, device: torch.device, backend: str | None = "auto"
+                  ) -> nn.Module:
+    """Put a model in eval mode on ``device`` with the backend of :func:`pick_backend`.
+
+    The choice is recorded as ``model.backend``. If serving through onnxruntime fails (an op
+    the exporter cannot write, a mismatch with PyTorch), the model stays on channels_last and
+    the reason is logged.
+    """
     model = model.eval().to(device)
-    if device.type == "cuda":
+    chosen = pick_backend(model, device, backend)
+    if chosen == "onnxruntime":
+        from dense.export import serve_with_onnxruntime
+
+        try:
+            serve_with_onnxruntime(model)
+        except Exception as err:  # noqa: BLE001 - any export/runtime failure falls back
+            log.warning("onnxruntime unavailable for %s (%s); using PyTorch",
+                        getattr(model, "config", {}).get("id", "model"), err)
+            chosen = "channels_last"
+    if chosen == "channels_last":
         model = model.to(memory_format=torch.channels_last)
+    model.backend = chosen
     return model
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +92,63 @@ def check_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = None
     return diff
 
 
+def onnx_cache_path(model: nn.Module) -> Path:
+    """Where the export of this exact model is cached (keyed by its weights' checksum)."""
+    from dense.bench import package_cache
+
+    digest = model.config.get("sha256", {}).get(zoo.WEIGHTS_FILE, "unversioned")[:16]
+    return package_cache() / "onnx" / f"{Path(model.config.get('id', 'model')).name}-{digest}.onnx"
+
+
+def serve_with_onnxruntime(model: nn.Module) -> nn.Module:
+    """Run ``model`` (fixed input size, on CPU) through onnxruntime on its own ONNX export.
+
+    The export is written once per model version (cached by weights checksum) and checked
+    against PyTorch before it is used. ``model.forward`` is replaced rather than the module
+    wrapped, so that the caller keeps the same object with its config and attributes; inputs
+    the export does not cover (another size, a gradient, a GPU tensor) go to PyTorch.
+    """
+    import onnxruntime as ort
+
+    size = export_size(model)
+    if size is None:
+        raise ValueError("only models with a fixed input size are served through onnxruntime")
+    path = onnx_cache_path(model)
+    failed = path.with_suffix(".failed")
+    if failed.is_file():  # tried before: do not pay the export again at every load
+        raise RuntimeError(failed.read_text())
+    if not path.is_file():
+        partial = path.with_suffix(".partial")
+        try:
+            with warnings.catch_warnings():  # the tracer's notes on constant shapes (fixed here)
+                warnings.simplefilter("ignore")
+                export_onnx(model, partial, size)
+            check_onnx(model, partial, size)
+        except Exception as err:
+            failed.write_text(f"export or check failed: {err}")
+            partial.unlink(missing_ok=True)
+            raise
+        partial.replace(path)  # atomic: a half-written export is never used
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    eager = model.forward
+
+    def forward(x: torch.Tensor):
+        if tuple(x.shape[-2:]) != size or x.device.type != "cpu" or (
+                torch.is_grad_enabled() and x.requires_grad):
+            return eager(x)
+        outputs = session.run(None, {"image": x.detach().float().contiguous().numpy()})
+        tensors = [torch.from_numpy(o) for o in outputs]
+        return tensors[0] if names == ["output"] else dict(zip(names, tensors, strict=True))
+
+    model.forward = forward
+    return model
+
+
 def _export(args: argparse.Namespace) -> int:
-    model = zoo.load(args.model, device="cpu")
+    model = zoo.load(args.model, device="cpu", backend="eager")
     size = tuple(args.size) if args.size else None
     path = export_onnx(model, args.out or Path(f"{Path(args.model).name}.onnx"), size)
     try:

@@ -205,8 +205,12 @@ def load(
     device: str | torch.device | None = "auto",
     *,
     verify_checksum: bool = True,
+    backend: str | None = "auto",
 ) -> nn.Module:
     """Load model ``name`` in eval mode on ``device``; its config is at ``model.config``.
+
+    ``backend`` (``dense.devices.BACKENDS``): ``auto`` picks the fastest measured for the model
+    on the device; ``eager`` gives the plain PyTorch module (training, exports, fidelity tests).
 
     >>> model = load("efficientnet-lite0", device="cpu")
     >>> model.config["task"]
@@ -231,7 +235,7 @@ def load(
         raise ModelError(f"Model '{name}': weights do not fit its architecture ({err}).") from err
     model.config = config
     model.source_folder = folder
-    return prepare_model(model, pick_device(device))
+    return prepare_model(model, pick_device(device), backend)
 
 
 _cache: dict[tuple[str, str], nn.Module] = {}

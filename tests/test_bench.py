@@ -51,3 +51,60 @@ def test_bench_runs_with_peers_and_names_its_machine(capsys, tmp_path, monkeypat
     assert all("onnxruntime (our export)" in v for v in runtimes.values())
     assert all(r["machine"]["cores"] and r["machine"]["torch"] for r in lines)
     print(json.dumps(lines, indent=1)[:3000])
+
+
+# ---------------------------------------------------------------------------------------------
+# The served backend: what the app and `dense predict` run (dense.devices.pick_backend)
+
+
+def test_auto_backend_serves_mediapipe_graphs_through_onnxruntime_equal_to_pytorch() -> None:
+    pytest.importorskip("onnxruntime")
+    from dense.images import read_image
+
+    photo = read_image(Path(__file__).parents[1] / "examples" / "astronaut.png").rgb
+    for model_id in ("selfie-seg", "blazepose-lite"):
+        served = zoo.load(model_id, device="cpu")
+        eager = zoo.load(model_id, device="cpu", backend="eager")
+        assert (served.backend, eager.backend) == ("onnxruntime", "eager")
+        size = tuple(served.config["input"]["size"])
+        x = torch.nn.functional.interpolate(
+            torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255, size=size)
+        with torch.inference_mode():
+            got, want = served(x), eager(x)
+        got, want = (got, want) if isinstance(got, dict) else ({"out": got}, {"out": want})
+        assert set(got) == set(want)
+        for key in want:
+            scale = max(1.0, float(want[key].abs().max()))
+            assert float((got[key] - want[key]).abs().max()) / scale < 1e-3, (model_id, key)
+    # What the export does not cover (here: a gradient through the input) goes to PyTorch.
+    x = torch.rand(1, 3, 256, 256, requires_grad=True)
+    assert zoo.load("selfie-seg", device="cpu")(x).grad_fn is not None
+
+
+def test_backend_choice_can_be_forced_and_other_models_run_channels_last(monkeypatch) -> None:
+    assert zoo.load("waifu2x-photo-x2", device="cpu").backend == "channels_last"
+    monkeypatch.setenv("DENSE_BACKEND", "eager")
+    assert zoo.load("selfie-seg", device="cpu").backend == "eager"
+    monkeypatch.setenv("DENSE_BACKEND", "tensorrt")
+    with pytest.raises(ValueError, match="Unknown backend 'tensorrt'"):
+        zoo.load("selfie-seg", device="cpu")
+
+
+def test_a_failed_onnx_export_falls_back_to_pytorch_once(monkeypatch, tmp_path, caplog) -> None:
+    pytest.importorskip("onnxruntime")
+    import dense.export
+
+    monkeypatch.setenv("DENSE_PACKAGE_CACHE", str(tmp_path))
+    calls = []
+
+    def broken_check(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("onnxruntime differs from PyTorch by 1e+00")
+
+    monkeypatch.setattr(dense.export, "check_onnx", broken_check)
+    for _ in range(2):
+        model = zoo.load("selfie-seg", device="cpu")
+        assert model.backend == "channels_last"
+        assert model(torch.rand(1, 3, 256, 256)).shape == (1, 1, 256, 256)
+    assert len(calls) == 1  # the failure is remembered: no second export
+    assert "onnxruntime unavailable for selfie-seg" in caplog.text

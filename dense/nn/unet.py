@@ -115,6 +115,6 @@ def load_pretrained_encoder(model: UNet, model_id: str = "efficientnet-lite0") -
     """Copy a bundled classifier's encoder weights (ImageNet EfficientNet-Lite0) into a U-Net."""
     from dense.zoo import load
 
-    source = load(model_id, device="cpu").encoder.state_dict()
+    source = load(model_id, device="cpu", backend="eager").encoder.state_dict()
     model.encoder.load_state_dict(source)
     return model
