@@ -597,6 +597,15 @@ def bench_lab(seeds: list[int], out: Path | None = None, *, train_missing: bool 
     return rows
 
 
+def results_markdown(doc: Path = DOC) -> str:
+    """The measured table as ``dense bench lab`` last wrote it into docs/lab.md (for the tab)."""
+    text = doc.read_text(encoding="utf-8") if doc.is_file() else ""
+    start, end = text.find(TABLE_START), text.find(TABLE_END)
+    if start < 0 or end < 0:
+        return "No measurements yet: run `dense bench lab`."
+    return text[start + len(TABLE_START):end].strip()
+
+
 def _update_doc(table: str, doc: Path = DOC) -> None:
     """Replace the text between the table markers of ``docs/lab.md`` (if the doc has them)."""
     if not doc.is_file():

@@ -176,3 +176,11 @@ def test_the_explanations_come_from_the_real_ops() -> None:
 def test_the_tab_builds() -> None:
     with gr.Blocks():
         ui.build()
+
+
+def test_the_tab_shows_the_measured_table_from_the_doc(tmp_path) -> None:
+    assert "| model |" in lab.results_markdown()  # docs/lab.md, as `dense bench lab` wrote it
+    doc = tmp_path / "lab.md"
+    doc.write_text(f"intro\n{lab.TABLE_START}\n| a | b |\n{lab.TABLE_END}\nmore\n")
+    assert lab.results_markdown(doc) == "| a | b |"
+    assert "dense bench lab" in lab.results_markdown(tmp_path / "missing.md")

@@ -426,6 +426,9 @@ def build() -> None:
             y = gr.Slider(0, 1, value=0.5, step=0.01, label="window centre y")
             size = gr.Slider(4, 128, value=32, step=2, label="window side (output pixels)")
         zoomed = gr.Image(label="Zoom", format="png", interactive=False, scale=2)
+    with gr.Accordion("The controlled experiment: the five lab models measured "
+                      "(`dense bench lab`, details in docs/lab.md)", open=False):
+        gr.Markdown(lab.results_markdown())
     with gr.Accordion("How each method upsamples (computed with the real ops)", open=False):
         gr.HTML(nearest_demo())
         r = gr.Radio([2, 3], value=2, label="pixel shuffle factor r")
