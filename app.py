@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 
 import gradio as gr
 
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     demo = build_app()
     demo.queue(max_size=common.QUEUE_SIZE, default_concurrency_limit=common.CONCURRENCY)
+    threading.Thread(target=common.warm_up, name="warm-up", daemon=True).start()
     demo.launch(
         server_name=args.host,
         server_port=args.port,

@@ -89,3 +89,12 @@ def test_defaults_listen_on_loopback_without_share(monkeypatch: pytest.MonkeyPat
     args = app.parse_args([])
     assert (args.host, args.port) == ("0.0.0.0", 8123)
     assert app.parse_args(["--host", "10.0.0.1", "--port", "9000"]).port == 9000
+
+
+def test_warm_up_loads_the_live_models_and_survives_a_broken_one(caplog) -> None:
+    from dense import zoo
+    from dense.ui import common
+
+    common.warm_up(("selfie-seg", "no-such-model"))
+    assert any(key[0] == "selfie-seg" for key in zoo._cache)
+    assert "warm-up of no-such-model failed" in caplog.text

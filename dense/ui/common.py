@@ -63,6 +63,20 @@ def get_model(name: str) -> nn.Module:
         raise gr.Error(str(err)) from err
 
 
+# Loaded in the background when the app starts, so that the first webcam frames do not wait
+# for a load (on CPU the MediaPipe graphs are also exported to ONNX once per machine, ~2 s each).
+WARM_MODELS = ("blazepose-detector", "blazepose-lite", "blazepose-full", "selfie-seg")
+
+
+def warm_up(names: tuple[str, ...] = WARM_MODELS) -> None:
+    """Load ``names`` into the shared cache; failures are logged, the tab reports them later."""
+    for name in names:
+        try:
+            get_model(name)
+        except Exception as err:  # noqa: BLE001 - a warm-up must never take the app down
+            log.warning("warm-up of %s failed: %s", name, err)
+
+
 def models_for(task: str) -> list[str]:
     """Ids of the zoo's models of ``task`` (so a new model appears without UI changes)."""
     return [m.id for m in zoo.list_models(task=task)]
