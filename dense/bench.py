@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dense import zoo
-from dense.devices import inference, pick_device
+from dense.devices import inference, model_device, pick_device
 
 
 def machine() -> dict:
@@ -45,7 +45,7 @@ def count_flops(model: torch.nn.Module, size: tuple[int, int]) -> int:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.rand(1, 3, *size, device=next(model.parameters()).device)
+    x = torch.rand(1, 3, *size, device=model_device(model))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     return int(counter.get_total_flops())

@@ -108,3 +108,11 @@ def test_a_failed_onnx_export_falls_back_to_pytorch_once(monkeypatch, tmp_path, 
         assert model(torch.rand(1, 3, 256, 256)).shape == (1, 1, 256, 256)
     assert len(calls) == 1  # the failure is remembered: no second export
     assert "onnxruntime unavailable for selfie-seg" in caplog.text
+
+
+def test_count_flops_of_a_parameterless_module() -> None:
+    from dense.bench import count_flops
+    from dense.tasks.restoration import BicubicUpscaler
+
+    assert count_flops(BicubicUpscaler(4), (16, 16)) >= 0
+    assert count_flops(torch.nn.Conv2d(3, 8, 3), (16, 16)) == 2 * 3 * 8 * 9 * 14 * 14

@@ -184,3 +184,10 @@ def test_the_tab_shows_the_measured_table_from_the_doc(tmp_path) -> None:
     doc.write_text(f"intro\n{lab.TABLE_START}\n| a | b |\n{lab.TABLE_END}\nmore\n")
     assert lab.results_markdown(doc) == "| a | b |"
     assert "dense bench lab" in lab.results_markdown(tmp_path / "missing.md")
+
+
+def test_the_bundled_run_is_the_median_seed() -> None:
+    rows = [{"seed": s, "psnr_Set5": p} for s, p in ((0, 28.9), (1, 30.3), (2, 30.1))]
+    assert lab.representative(rows)["seed"] == 2
+    assert lab.representative(rows[:2])["seed"] == 0
+    assert lab.representative([]) is None
