@@ -24,9 +24,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "eager", "channels_last", "onnxruntime")
-# Architectures for which onnxruntime on our export beat channels_last PyTorch on CPU by 1.4-3.6×
-# in docs/benchmarks.md (the MediaPipe graphs, all with a fixed input size).
-ONNXRUNTIME_FASTER = frozenset({"selfie_segmentation", "blazepose_landmark", "blazepose_detector"})
+# Architectures for which onnxruntime on our export beat channels_last PyTorch on CPU in
+# docs/benchmarks.md: the MediaPipe graphs (fixed input size, 2.9-4× faster) and our
+# segmentation U-Net at the size it was trained for (1.4×; other sizes stay in PyTorch).
+ONNXRUNTIME_FASTER = frozenset({"selfie_segmentation", "blazepose_landmark", "blazepose_detector",
+                                "unet"})
 
 
 def pick_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -51,8 +53,10 @@ def pick_backend(model: nn.Module, device: torch.device, backend: str | None = "
         return "channels_last"  # with autocast; onnxruntime serves only CPU here
     if backend != "auto":
         return backend
-    architecture = getattr(model, "config", {}).get("architecture")
-    if architecture in ONNXRUNTIME_FASTER and importlib.util.find_spec("onnxruntime"):
+    config = getattr(model, "config", {})
+    served_size = config.get("input", {}).get("size") or config.get("input", {}).get("trained_size")
+    if (config.get("architecture") in ONNXRUNTIME_FASTER and served_size
+            and importlib.util.find_spec("onnxruntime")):
         return "onnxruntime"
     return "channels_last"
 

@@ -67,8 +67,13 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = Non
     dynamic = {"image": axes, **{n: {0: "batch"} for n in names}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(_Flat(model, keys), (x,), str(path), dynamo=False, opset_version=opset,
-                      input_names=["image"], output_names=names, dynamic_axes=dynamic)
+    # The wrapper must be in eval mode too: the exporter puts the module it is given back in
+    # that module's own mode afterwards, recursively, and a wrapper left in train mode would
+    # leave the model training (batch norm then updates its statistics at the next call).
+    torch.onnx.export(_Flat(model, keys).eval(), (x,), str(path), dynamo=False,
+                      opset_version=opset, input_names=["image"], output_names=names,
+                      dynamic_axes=dynamic)
+    model.eval()
     return path
 
 
@@ -101,7 +106,8 @@ def onnx_cache_path(model: nn.Module) -> Path:
 
 
 def serve_with_onnxruntime(model: nn.Module) -> nn.Module:
-    """Run ``model`` (fixed input size, on CPU) through onnxruntime on its own ONNX export.
+    """Run ``model`` on CPU through onnxruntime on its own ONNX export, for the model's fixed
+    input size (MediaPipe graphs) or the size it was trained at (``input.trained_size``).
 
     The export is written once per model version (cached by weights checksum) and checked
     against PyTorch before it is used. ``model.forward`` is replaced rather than the module
@@ -110,9 +116,12 @@ def serve_with_onnxruntime(model: nn.Module) -> nn.Module:
     """
     import onnxruntime as ort
 
-    size = export_size(model)
+    inputs = model.config.get("input", {})
+    size = inputs.get("size") or inputs.get("trained_size")
     if size is None:
-        raise ValueError("only models with a fixed input size are served through onnxruntime")
+        raise ValueError("only models with a fixed or trained input size are served through "
+                         "onnxruntime")
+    size = tuple(size)
     path = onnx_cache_path(model)
     failed = path.with_suffix(".failed")
     if failed.is_file():  # tried before: do not pay the export again at every load

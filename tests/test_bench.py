@@ -116,3 +116,16 @@ def test_count_flops_of_a_parameterless_module() -> None:
 
     assert count_flops(BicubicUpscaler(4), (16, 16)) >= 0
     assert count_flops(torch.nn.Conv2d(3, 8, 3), (16, 16)) == 2 * 3 * 8 * 9 * 14 * 14
+
+
+def test_onnx_export_leaves_the_model_in_eval_mode_and_unchanged(tmp_path: Path) -> None:
+    from dense.export import export_onnx
+
+    model = zoo.load("unet-camvid", device="cpu", backend="eager")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, tmp_path / "unet.onnx", (64, 96))
+    assert not any(m.training for m in model.modules())
+    x = torch.rand(2, 3, 64, 96)
+    with torch.inference_mode():
+        model(x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
