@@ -44,7 +44,7 @@ PIPELINE_PX_TOL = 2.0
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    return {model_id: zoo.load(model_id, device="cpu") for model_id in IDS}
+    return {model_id: zoo.load(model_id, device="cpu", backend="eager") for model_id in IDS}
 
 
 def photo_tensor(model_id: str, photo: str) -> torch.Tensor:
