@@ -4,6 +4,7 @@ allows, dynamic height and width), checked against PyTorch with onnxruntime when
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -140,6 +141,12 @@ def serve_with_onnxruntime(model: nn.Module) -> nn.Module:
         partial.replace(path)  # atomic: a half-written export is never used
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+    # No busy-waiting between calls by default: in the app the same cores also decode, draw and
+    # encode (and may run the browser), and spinning threads take their time: live pose went
+    # from 13-15 to 24 frames/s without it, at ~25% more latency per isolated call
+    # (docs/benchmarks.md). DENSE_ORT_SPINNING=1 turns it back on for batch jobs.
+    spinning = os.environ.get("DENSE_ORT_SPINNING", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     eager = model.forward
