@@ -680,6 +680,7 @@ def _model_card(config: dict, metrics: dict, kind: str) -> str:
             f"adversarial loss against a PatchGAN discriminator ({gan.get('d_steps', 1)} D step "
             f"per G step), generator initialised from `{gan.get('init')}`" if gan else
             "L2 (mean squared error) loss")
+    out_size = f"{scale}H×{scale}W" if scale > 1 else "H×W"
     train = config["train"]
     steps = train["epochs"] * train["steps_per_epoch"]
     if config["task"] == "sr":
@@ -699,7 +700,7 @@ tags: [image-restoration, {config['task']}, unet{', gan' if gan else ''}]
 a plain encoder, skip connections concatenated, the decoder's output added to the
 {'bicubic-upsampled' if scale > 1 else 'degraded'} input (the network learns what is missing).
 
-**Input:** N×3×H×W RGB in [0, 1], any size. **Output:** N×3×{scale}H×{scale}W RGB in [0, 1].
+**Input:** N×3×H×W RGB in [0, 1], any size. **Output:** N×3×{out_size} RGB in [0, 1].
 
 **Training:** `dense train {'gan' if gan else config['task']} configs/{config['id']}.toml`:
 {loss}; {steps} steps of batch {train['batch_size']}, {train['patch']}-pixel patches of
