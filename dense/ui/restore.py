@@ -39,6 +39,7 @@ TASKS: dict[str, tuple[str, int]] = {
 BASELINES = {"sr": "bicubic", "deblur": "identity"}
 # Pairs shown side by side by default, first match wins (the L2 vs GAN pairs once trained).
 PREFERRED_PAIRS = (("unet-sr-x4", "unet-sr-x4-gan"), ("unet-deblur", "unet-deblur-gan"),
+                   ("unet-sr-x4", "realesrgan-x4plus"), ("unet-sr-x2", "waifu2x-photo-x2"),
                    ("realesrgan-x4plus", "realesr-animevideov3"),
                    ("waifu2x-photo-x2", "waifu2x-photo-x2-denoise1"))
 DEMO_NOISE = 1.0  # grey levels of noise added when "Degrade first" blurs a photo
@@ -62,6 +63,9 @@ def task_models(label: str) -> list[str]:
     else:
         found = [m.id for m in zoo.list_models(task=R.SR_TASK)
                  if zoo.read_config(m.folder).get("scale") == scale]
+    # Our restoration U-Nets first, then the ports, then the lab's small teaching models.
+    found.sort(key=lambda mid: (0 if mid.startswith("unet-") else 2 if mid.startswith("lab-")
+                                else 1, mid))
     return [*found, BASELINES[task]]
 
 
