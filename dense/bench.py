@@ -138,19 +138,17 @@ def onnxruntime_peer(model_id: str, model: torch.nn.Module, x: torch.Tensor,
                      threads: int) -> Callable[[], object] | None:
     """onnxruntime on our own export of the same model (``dense export onnx``)."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401 - only whether it is installed
     except ImportError:
         return None
-    from dense.export import export_onnx, export_size
+    from dense.export import export_onnx, export_size, ort_session
 
     size = export_size(model, tuple(x.shape[-2:]))
     suffix = f"-{size[0]}x{size[1]}" if size else ""
     path = package_cache() / "onnx" / f"{Path(model_id).name}{suffix}.onnx"
     if not path.is_file():
         export_onnx(zoo.load(model_id, device="cpu", backend="eager"), path, size)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads, spinning=True)  # the runtime's own defaults
     feed = {"image": x.cpu().numpy()}
     return lambda: session.run(None, feed)
 
@@ -180,19 +178,19 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
     results = []
     for model_id in ids:
         model = zoo.cached_load(model_id, dev)
+        served = getattr(model, "backend", "eager")
+        variants = ({v: zoo.load(model_id, dev, backend=v) for v in ("eager", "channels_last")
+                     if v != served} if peers and dev.type == "cpu" else {})
         for size in sizes or [default_size(model)]:
             x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0)).to(dev)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             ours = time_model(model, x, runs)
             # "ours" is what the app and `dense predict` run: the backend picked for the device.
-            rows = [{"runtime": f"dense ({getattr(model, 'backend', 'eager')}, served)", **ours}]
+            rows = [{"runtime": f"dense ({served}, served)", **ours}]
+            rows += [{"runtime": f"dense ({variant})", **time_model(other, x, runs)}
+                     for variant, other in variants.items()]
             if peers and dev.type == "cpu":
-                for variant in ("eager", "channels_last"):
-                    if variant != getattr(model, "backend", None):
-                        other = zoo.load(model_id, dev, backend=variant)
-                        rows.append({"runtime": f"dense ({variant})",
-                                     **time_model(other, x, runs)})
                 for name, call in (
                         ("ai-edge-litert", litert_peer(model_id, x, threads)),
                         ("ncnn", ncnn_peer(model_id, x, threads)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from dense.zoo import REPO_ROOT
@@ -25,3 +26,12 @@ def require_data(sub: str) -> Path:
             f"data folder '{sub}' not found: set DENSE_DATA to the folder holding it "
             f"(default ../shared/data beside the repository)")
     return root / sub
+
+
+def data_root_or_error(given: Path | str | None) -> Path | None:
+    """``given`` (a --data argument) or :func:`data_root`; None after an error line on stderr."""
+    root = given or data_root()
+    if root is None:
+        print("error: no data folder: pass --data or set DENSE_DATA", file=sys.stderr)
+        return None
+    return Path(root)

@@ -5,9 +5,9 @@ prefers it); on CPU they run in fp32. ``DENSE_DEVICE`` or a ``--device`` flag ov
 
 On CPU the backend is the fastest measured for the kind of model (docs/benchmarks.md):
 onnxruntime on our own ONNX export for the fixed-size MediaPipe graphs (hundreds of small ops,
-where eager PyTorch pays a dispatch per op), channels_last PyTorch for everything else (big
-convolutions, where oneDNN wants NHWC). ``DENSE_BACKEND`` (``eager``, ``channels_last``,
-``onnxruntime``) forces one.
+where eager PyTorch pays a dispatch per op) and for unet-camvid at its trained size,
+channels_last PyTorch for everything else (big convolutions, where oneDNN wants NHWC).
+``DENSE_BACKEND`` (``eager``, ``channels_last``, ``onnxruntime``) forces one.
 """
 
 from __future__ import annotations
@@ -43,19 +43,26 @@ def pick_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+def served_size(config: dict) -> tuple[int, int] | None:
+    """The input size an onnxruntime export covers: the model's fixed input size (MediaPipe
+    graphs) or the size it was trained at (``input.trained_size``); None for neither."""
+    inputs = config.get("input", {})
+    size = inputs.get("size") or inputs.get("trained_size")
+    return tuple(size) if size else None
+
+
 def pick_backend(model: nn.Module, device: torch.device, backend: str | None = "auto") -> str:
     """``auto`` → the fastest measured backend for this model on ``device`` (see module doc)."""
     backend = backend if backend not in (None, "", "auto") else os.environ.get("DENSE_BACKEND",
                                                                                "auto")
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
-    if device.type != "cpu":
-        return "channels_last"  # with autocast; onnxruntime serves only CPU here
+    if device.type != "cpu":  # with autocast; onnxruntime serves only CPU here
+        return "eager" if backend == "eager" else "channels_last"
     if backend != "auto":
         return backend
     config = getattr(model, "config", {})
-    served_size = config.get("input", {}).get("size") or config.get("input", {}).get("trained_size")
-    if (config.get("architecture") in ONNXRUNTIME_FASTER and served_size
+    if (config.get("architecture") in ONNXRUNTIME_FASTER and served_size(config)
             and importlib.util.find_spec("onnxruntime")):
         return "onnxruntime"
     return "channels_last"

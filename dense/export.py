@@ -98,12 +98,34 @@ def check_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = None
     return diff
 
 
+# Bump when export_onnx changes what it writes: cached exports (and remembered failures) made
+# by an older exporter are then not reused.
+EXPORT_VERSION = 2
+
+
 def onnx_cache_path(model: nn.Module) -> Path:
-    """Where the export of this exact model is cached (keyed by its weights' checksum)."""
+    """Where the export of this exact model is cached: keyed by its weights' checksum, the
+    exporter's version and torch's."""
     from dense.bench import package_cache
 
     digest = model.config.get("sha256", {}).get(zoo.WEIGHTS_FILE, "unversioned")[:16]
-    return package_cache() / "onnx" / f"{Path(model.config.get('id', 'model')).name}-{digest}.onnx"
+    name = Path(model.config.get("id", "model")).name
+    return (package_cache() / "onnx" /
+            f"{name}-{digest}-v{EXPORT_VERSION}-torch{torch.__version__.split('+')[0]}.onnx")
+
+
+def ort_session(path: Path, threads: int, spinning: bool):
+    """An onnxruntime CPU session on ``path`` with ``threads`` intra-op threads.
+
+    ``spinning``: let idle threads busy-wait between calls (onnxruntime's default). Faster for
+    back-to-back calls on otherwise idle cores; the app turns it off (see serve_with_onnxruntime).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def serve_with_onnxruntime(model: nn.Module) -> nn.Module:
@@ -115,14 +137,12 @@ def serve_with_onnxruntime(model: nn.Module) -> nn.Module:
     wrapped, so that the caller keeps the same object with its config and attributes; inputs
     the export does not cover (another size, a gradient, a GPU tensor) go to PyTorch.
     """
-    import onnxruntime as ort
+    from dense.devices import served_size
 
-    inputs = model.config.get("input", {})
-    size = inputs.get("size") or inputs.get("trained_size")
+    size = served_size(model.config)
     if size is None:
         raise ValueError("only models with a fixed or trained input size are served through "
                          "onnxruntime")
-    size = tuple(size)
     path = onnx_cache_path(model)
     failed = path.with_suffix(".failed")
     if failed.is_file():  # tried before: do not pay the export again at every load
@@ -139,15 +159,12 @@ def serve_with_onnxruntime(model: nn.Module) -> nn.Module:
             partial.unlink(missing_ok=True)
             raise
         partial.replace(path)  # atomic: a half-written export is never used
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
     # No busy-waiting between calls by default: in the app the same cores also decode, draw and
     # encode (and may run the browser), and spinning threads take their time: live pose went
-    # from 13-15 to 24 frames/s without it, at ~25% more latency per isolated call
+    # from 13-15 to 24 frames/s without it, at 20-40% more latency per isolated call
     # (docs/benchmarks.md). DENSE_ORT_SPINNING=1 turns it back on for batch jobs.
-    spinning = os.environ.get("DENSE_ORT_SPINNING", "0")
-    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, torch.get_num_threads(),
+                          spinning=os.environ.get("DENSE_ORT_SPINNING", "0") == "1")
     names = [o.name for o in session.get_outputs()]
     eager = model.forward
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
@@ -36,7 +35,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def read_run_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
     """The config file with the command line's overrides, and the data root (None, after an
     error line on stderr, when there is none)."""
-    from dense.data import data_root
+    from dense.data import data_root_or_error
 
     config = tomllib.loads(args.config.read_text(encoding="utf-8"))
     for key, value in (("epochs", args.epochs), ("steps_per_epoch", args.steps),
@@ -45,10 +44,7 @@ def read_run_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
             config["train"][key] = value
     if args.run_dir:
         config["run_dir"] = str(args.run_dir)
-    root = args.data or data_root()
-    if root is None:
-        print("error: no data folder: pass --data or set DENSE_DATA", file=sys.stderr)
-    return config, (Path(root) if root else None)
+    return config, data_root_or_error(args.data)
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int,

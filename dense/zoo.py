@@ -239,16 +239,29 @@ def load(
 
 
 _cache: dict[tuple[str, str], nn.Module] = {}
-_cache_lock = threading.Lock()
+_cache_lock = threading.Lock()  # guards the two dicts only, never held during a load
+_load_locks: dict[tuple[str, str], threading.Lock] = {}
 
 
 def cached_load(name: str, device: str | torch.device | None = "auto") -> nn.Module:
-    """``load`` once per (model, device) and share the module across requests and threads."""
+    """``load`` once per (model, device) and share the module across requests and threads.
+
+    Each model has its own lock, so a slow first load (on CPU it may write an ONNX export)
+    delays only the requests that need that model, not those for models already loaded.
+    """
     key = (name, str(pick_device(device)))
     with _cache_lock:
-        if key not in _cache:
-            _cache[key] = load(name, key[1])
-        return _cache[key]
+        if key in _cache:
+            return _cache[key]
+        lock = _load_locks.setdefault(key, threading.Lock())
+    with lock:
+        with _cache_lock:
+            if key in _cache:
+                return _cache[key]
+        model = load(name, key[1])
+        with _cache_lock:
+            _cache[key] = model
+        return model
 
 
 # ---------------------------------------------------------------------------------------------

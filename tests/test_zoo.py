@@ -166,3 +166,33 @@ def test_pickles_are_never_loaded(tiny_folder: Path) -> None:
     shutil.move(tiny_folder / "model.safetensors", tiny_folder / "pytorch_model.bin")
     with pytest.raises(zoo.ModelError, match="no model.safetensors"):
         dense.load(str(tiny_folder), device="cpu")
+
+
+def test_a_slow_first_load_does_not_block_models_already_loaded(monkeypatch) -> None:
+    import threading
+
+    from dense import zoo as z
+
+    ready = z.cached_load("selfie-seg", "cpu")
+    started, release = threading.Event(), threading.Event()
+    real_load = z.load
+
+    def slow_load(name, device="auto", **kwargs):
+        if name == "waifu2x-photo-x2":
+            started.set()
+            assert release.wait(10)
+        return real_load(name, device, **kwargs)
+
+    monkeypatch.setattr(z, "load", slow_load)
+    monkeypatch.delitem(z._cache, ("waifu2x-photo-x2", "cpu"), raising=False)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(z.cached_load("waifu2x-photo-x2",
+                                                                          "cpu")))
+    worker.start()
+    assert started.wait(10)
+    try:
+        assert z.cached_load("selfie-seg", "cpu") is ready  # answered while the other loads
+    finally:
+        release.set()
+        worker.join(30)
+    assert results and z.cached_load("waifu2x-photo-x2", "cpu") is results[0]

@@ -59,7 +59,8 @@ class SamePadConv2d(nn.Conv2d):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # Stride 1 with an odd kernel: SAME is symmetric, so the convolution pads by itself,
-        # with no F.pad copy per call (that copy also undoes channels_last: 1.3x on unet-camvid).
+        # with no F.pad copy per call (unet-camvid at 360×480 in channels_last: about 10%
+        # faster in a same-process A/B, identical outputs).
         self.symmetric = all(s == 1 for s in self.stride) and all(k % 2 for k in self.kernel_size)
         if self.symmetric:
             self.padding = tuple(k // 2 for k in self.kernel_size)

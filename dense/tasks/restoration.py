@@ -1089,7 +1089,7 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dense.data import data_root
+    from dense.data import data_root_or_error
 
     config = json.loads((args.run_dir / "config.json").read_text())
     if config.get("task") != args.task:
@@ -1100,11 +1100,10 @@ def _export(args: argparse.Namespace) -> int:
         print(f"error: {args.run_dir} has no model/ folder yet (is training finished?)",
               file=sys.stderr)
         return 2
-    root = args.data or data_root()
+    root = data_root_or_error(args.data)
     if root is None:
-        print("error: no data folder: pass --data or set DENSE_DATA", file=sys.stderr)
         return 2
-    export_run(args.run_dir, args.out, Path(root), args.reference)
+    export_run(args.run_dir, args.out, root, args.reference)
     return 0
 
 

@@ -489,14 +489,13 @@ only**. EfficientNet-Lite0 initialisation: Apache-2.0 (© Google LLC).
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dense.data import data_root
+    from dense.data import data_root_or_error
 
-    root = args.data or data_root()
+    root = data_root_or_error(args.data)
     if root is None:
-        print("error: no data folder: pass --data or set DENSE_DATA", file=sys.stderr)
         return 2
     run_config = json.loads((args.run_dir / "config.json").read_text())
-    export_run(args.run_dir, args.out or Path("weights") / run_config["id"], Path(root),
+    export_run(args.run_dir, args.out or Path("weights") / run_config["id"], root,
                test_time_flip=args.test_time_flip)
     return 0
 

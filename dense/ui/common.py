@@ -34,7 +34,6 @@ OUTPUT_DIR = Path(tempfile.gettempdir()) / "dense-outputs"
 OUTPUT_MAX_AGE = 3600.0  # s
 PRUNE_EVERY = 60.0  # s
 
-_model_lock = threading.Lock()
 _prune_lock = threading.Lock()
 _last_prune = 0.0
 log = logging.getLogger(__name__)
@@ -57,8 +56,7 @@ def example_photos() -> list[str]:
 def get_model(name: str) -> nn.Module:
     """The shared instance of model ``name``; a load failure becomes a message for the user."""
     try:
-        with _model_lock:
-            return zoo.cached_load(name)
+        return zoo.cached_load(name)
     except zoo.ModelError as err:
         raise gr.Error(str(err)) from err
 
