@@ -1,7 +1,10 @@
 """Device, precision and backend choice. No code path assumes a GPU.
 
-On CUDA, models run in channels_last memory format under fp16 autocast (bf16 where the GPU
-prefers it); on CPU they run in fp32. ``DENSE_DEVICE`` or a ``--device`` flag overrides "auto".
+On CUDA, models run in channels_last memory format in fp32 (TF32 convolutions): on an H200 that
+beat fp16 autocast at batch 1 for every model timed (docs/benchmarks.md, "GPU"), autocast's
+per-op casts costing more than half precision saves; ``DENSE_CUDA_DTYPE=fp16`` (or ``bf16``)
+turns autocast on. On CPU models run in fp32. ``DENSE_DEVICE`` or a ``--device`` flag
+overrides "auto".
 
 On CPU the backend is the fastest measured for the kind of model (docs/benchmarks.md):
 onnxruntime on our own ONNX export for the fixed-size MediaPipe graphs (hundreds of small ops,
@@ -93,16 +96,23 @@ def prepare_model(model: nn.Module, device: torch.device, backend: str | None = 
     return model
 
 
+CUDA_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The reduced precision used for inference on ``device``, or None for fp32."""
+    """The reduced precision used for inference on ``device`` (``DENSE_CUDA_DTYPE`` on CUDA),
+    or None for fp32."""
     if device.type != "cuda":
         return None
-    return torch.bfloat16 if os.environ.get("DENSE_CUDA_DTYPE") == "bf16" else torch.float16
+    name = os.environ.get("DENSE_CUDA_DTYPE", "fp32")
+    if name not in CUDA_DTYPES:
+        raise ValueError(f"DENSE_CUDA_DTYPE={name!r}: choose from {', '.join(CUDA_DTYPES)}")
+    return CUDA_DTYPES[name]
 
 
 @contextlib.contextmanager
 def inference(device: torch.device) -> Iterator[None]:
-    """Context for running a model: no autograd, autocast on CUDA."""
+    """Context for running a model: no autograd; autocast on CUDA when asked for."""
     dtype = autocast_dtype(device)
     with torch.inference_mode():
         if dtype is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
@@ -30,6 +31,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="override the config's steps per epoch")
     parser.add_argument("--run-dir", type=Path, help="override the config's run folder")
     parser.add_argument("--threads", type=int, help="override the config's CPU threads")
+    parser.add_argument("--minutes", type=float,
+                        help="train for this many minutes of wall-clock time instead of the "
+                             "config's epochs (the learning-rate schedule follows the time)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, or auto (CUDA when available; DENSE_DEVICE overrides)")
 
 
 def read_run_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
@@ -39,23 +45,21 @@ def read_run_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
 
     config = tomllib.loads(args.config.read_text(encoding="utf-8"))
     for key, value in (("epochs", args.epochs), ("steps_per_epoch", args.steps),
-                       ("threads", args.threads)):
+                       ("threads", args.threads), ("minutes", args.minutes)):
         if value:
             config["train"][key] = value
     if args.run_dir:
         config["run_dir"] = str(args.run_dir)
+    config["config_file"] = str(args.config)
+    from dense.devices import pick_device
+
+    config["train"]["device"] = str(pick_device(args.device))
     return config, data_root_or_error(args.data)
 
 
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int,
-                       warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to zero."""
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def cosine(progress: float) -> float:
+    """Cosine decay from 1 to 0 over ``progress`` in [0, 1]."""
+    return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 def fit(
@@ -71,35 +75,68 @@ def fit(
     weight_decay: float = 1e-4,
     monitor: str = "miou",
     device: torch.device | str = "cpu",
+    minutes: float | None = None,
+    amp: str | None = None,
+    snapshot_every: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train ``model`` and keep the best weights by ``evaluate(model)[monitor]`` (higher is better).
 
     ``batches()`` yields (input, target) pairs for one epoch. Resumes from ``run_dir/last.pt``.
+    The learning rate warms up over the first epoch, then decays on a cosine over ``epochs``
+    or, with ``minutes``, over that much wall-clock time: a GPU lease is counted in minutes, and
+    a schedule by time ends with the rate at zero however fast the machine turns out to be.
+    ``amp="bf16"`` trains under bf16 autocast on CUDA. ``snapshot_every`` keeps the weights of
+    every N-th epoch as ``epochNNN.pt`` (for choosing among them later, when the validation data
+    are elsewhere: an ``evaluate`` that returns NaN never makes a ``best.pt``).
     Returns the history: one dict per epoch with the mean loss, the evaluation and the time.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = cosine_with_warmup(optimizer, epochs * steps_per_epoch, steps_per_epoch)
     history: list[dict] = []
     best = -math.inf
     last = run_dir / "last.pt"
+    budget = minutes * 60 if minutes else None
+    clock = {"spent": 0.0, "since": time.time()}  # seconds trained before this process; start
+
+    def elapsed() -> float:
+        return clock["spent"] + time.time() - clock["since"]
+
+    def lr_factor(step: int) -> float:
+        if step < steps_per_epoch:
+            return (step + 1) / steps_per_epoch
+        if budget:
+            return cosine(elapsed() / budget)
+        return cosine((step - steps_per_epoch) / max(1, (epochs - 1) * steps_per_epoch))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     if last.is_file():
         state = torch.load(last, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, best = state["history"], state["best"]
+        clock["spent"] = sum(h["seconds"] for h in history)
         log(f"resumed from {last} after epoch {len(history)}")
-    for epoch in range(len(history) + 1, epochs + 1):
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=amp == "bf16" and device.type == "cuda")
+    epoch = len(history)
+
+    def finished() -> bool:
+        return elapsed() >= budget if budget else epoch >= epochs
+
+    done = finished()
+    while not done:
+        epoch += 1
         model.train()
         started, losses = time.time(), []
         for step, (x, y) in enumerate(batches()):
             if step >= steps_per_epoch:
                 break
-            loss = loss_fn(model(x.to(device)), _to(y, device))
+            with autocast:
+                loss = loss_fn(model(x.to(device, non_blocking=True)), _to(y, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -114,6 +151,10 @@ def fit(
             best = metrics[monitor]
             torch.save({"model": model.state_dict(), "epoch": epoch, "metrics": metrics},
                        run_dir / "best.pt")
+        done = finished()
+        if snapshot_every and (epoch % snapshot_every == 0 or done):
+            torch.save({"model": model.state_dict(), "epoch": epoch, "metrics": metrics},
+                       run_dir / f"epoch{epoch:03d}.pt")
         # Write to a temporary file and rename, so a kill mid-write never corrupts the resume.
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "history": history, "best": best},
@@ -121,9 +162,36 @@ def fit(
         (run_dir / "last.tmp").replace(last)
         (run_dir / "history.json").write_text(json.dumps(history, indent=1))
         plot_curves(history, run_dir / "curves.png")
-        log(f"epoch {epoch}/{epochs}  loss {record['loss']:.4f}  {monitor} {metrics[monitor]:.4f}"
-            f"  (best {best:.4f})  {record['seconds']} s")
+        total = f"{elapsed() / 60:.1f}/{minutes} min" if budget else f"{epoch}/{epochs}"
+        log(f"epoch {epoch} ({total})  loss {record['loss']:.4f}  {monitor} "
+            f"{metrics[monitor]:.4f}  (best {best:.4f})  {record['seconds']} s")
     return {"history": history, "best": best}
+
+
+def loader_workers(device: torch.device | str) -> int:
+    """DataLoader worker processes: none on CPU, where the two cores train and the data are held
+    in memory; several on a GPU, which would otherwise wait on augmentation."""
+    return min(6, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
+
+
+def limit_worker_threads(_worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: one BLAS/OpenMP thread per worker process. Each worker
+    otherwise spins as many OpenBLAS threads as the machine has cores; a dozen workers did so on
+    a 16-core GPU machine and starved it (no epoch finished in six minutes)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+def init_weights(model: nn.Module, source: str | Path) -> None:
+    """Start from earlier weights: a run's checkpoint (``best.pt``) or a zoo model id/folder."""
+    if str(source).endswith(".pt"):
+        state = torch.load(source, map_location="cpu", weights_only=True)["model"]
+    else:
+        from dense.zoo import load
+
+        state = load(str(source), device="cpu", backend="eager").state_dict()
+    model.load_state_dict(state)
 
 
 def _to(target: torch.Tensor | Sequence[torch.Tensor], device: torch.device):
@@ -139,7 +207,8 @@ def plot_curves(history: list[dict], path: Path, size: tuple[int, int] = (360, 6
     Drawn by hand (about 30 lines) rather than adding matplotlib as a dependency for one plot.
     """
     keys = [k for k, v in history[0].items()
-            if isinstance(v, int | float) and k not in ("epoch", "lr", "seconds")]
+            if isinstance(v, int | float) and k not in ("epoch", "lr", "seconds")
+            and not all(math.isnan(h[k]) for h in history)]  # NaN: not measured in this run
     height, width = size
     panels = []
     for key in keys:

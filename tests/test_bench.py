@@ -129,3 +129,33 @@ def test_onnx_export_leaves_the_model_in_eval_mode_and_unchanged(tmp_path: Path)
     with torch.inference_mode():
         model(x)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_cuda_dtype_setting_is_checked(monkeypatch) -> None:
+    from dense.devices import autocast_dtype
+
+    cuda = torch.device("cuda")
+    assert autocast_dtype(cuda) is None  # fp32 by default (faster at batch 1, measured)
+    monkeypatch.setenv("DENSE_CUDA_DTYPE", "bf16")
+    assert autocast_dtype(cuda) is torch.bfloat16
+    assert autocast_dtype(torch.device("cpu")) is None
+    monkeypatch.setenv("DENSE_CUDA_DTYPE", "half")
+    with pytest.raises(ValueError, match="fp32, fp16, bf16"):
+        autocast_dtype(cuda)
+
+
+@pytest.mark.gpu
+def test_gpu_variants_compute_what_the_served_model_computes() -> None:
+    from dense.bench import autocast_call, cuda_graph_call
+
+    model = zoo.load("blazepose-full", "cuda")
+    x = torch.rand(1, 3, 256, 256, device="cuda")
+    with torch.inference_mode():
+        served = model(x)
+    first = next(iter(served.values())) if isinstance(served, dict) else (
+        served[0] if isinstance(served, tuple | list) else served)
+    for make in (autocast_call, cuda_graph_call):
+        out = make(model, x)()
+        got = next(iter(out.values())) if isinstance(out, dict) else (
+            out[0] if isinstance(out, tuple | list) else out)
+        torch.testing.assert_close(got.float(), first.float(), atol=0.05, rtol=0.05)

@@ -332,7 +332,9 @@ def train_from_config(config: dict, data_root: Path, log=print) -> Path:
 
     fit(model, batches, loss, evaluate, run_dir, epochs=train["epochs"],
         steps_per_epoch=train["steps_per_epoch"], lr=train["lr"],
-        weight_decay=train.get("weight_decay", 1e-4), monitor="ap", log=log)
+        weight_decay=train.get("weight_decay", 1e-4), monitor="ap",
+        device=train.get("device", "cpu"), minutes=train.get("minutes"), amp=train.get("amp"),
+        log=log)
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     export_model(best["model"], config, best["metrics"], run_dir / "model")
     return run_dir

@@ -633,8 +633,18 @@ class _Task:
             return sr_batch(self.sampler, self.batch_size, self.patch, self.scale)
         return deblur_batch(self.sampler, self.batch_size, self.patch, self.bank, self.max_noise)
 
-    def batches(self, steps: int) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-        return lambda: (self.batch() for _ in range(steps))
+    def batches(self, steps: int, workers: int = 0
+                ) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        """Each call gives one epoch's batches: made here, or by ``workers`` processes (for a
+        GPU, which would wait on the resizing) from one endless stream."""
+        if not workers:
+            return lambda: (self.batch() for _ in range(steps))
+        from dense.train import limit_worker_threads
+
+        stream = iter(torch.utils.data.DataLoader(_BatchStream(self), batch_size=None,
+                                                  num_workers=workers, pin_memory=True,
+                                                  worker_init_fn=limit_worker_threads))
+        return lambda: stream
 
     def evaluate(self, model: nn.Module) -> dict:
         if self.task == "sr":
@@ -662,6 +672,21 @@ class _Task:
         return np.concatenate(rows, axis=0)
 
 
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless training batches of a task; each worker process draws its own patches."""
+
+    def __init__(self, task: _Task) -> None:
+        self.task = task
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            seed = self.task.config["train"].get("seed", 0)
+            self.task.sampler.rng = np.random.default_rng([seed, info.id])
+        while True:
+            yield self.task.batch()
+
+
 # Published PSNR-Y on the same protocol (../shared/README.md), to place our numbers.
 PUBLISHED = {
     4: "Bicubic 28.42 / 26.00 / 25.96, SRCNN 30.48 / 27.49 / 26.90, FSRCNN 30.72 / 27.61 / "
@@ -682,7 +707,13 @@ def _model_card(config: dict, metrics: dict, kind: str) -> str:
             "L2 (mean squared error) loss")
     out_size = f"{scale}H×{scale}W" if scale > 1 else "H×W"
     train = config["train"]
-    steps = train["epochs"] * train["steps_per_epoch"]
+    steps = config.get("steps_trained") or train["epochs"] * train["steps_per_epoch"]
+    config_file = config.get("config_file") or f"configs/{config['id']}.toml"
+    command = f"dense train {'gan' if gan else config['task']} {config_file}"
+    where = f" on {config['machine']}" if config.get("machine") else ""
+    start = (f", starting from `{train['init']}`"
+             + (f" ({train['init_note']})" if train.get("init_note") else "")
+             if train.get("init") else "")
     if config["task"] == "sr":
         degradation = f"MATLAB-bicubic ÷{scale} (the benchmarks' protocol)"
     else:
@@ -702,7 +733,7 @@ a plain encoder, skip connections concatenated, the decoder's output added to th
 
 **Input:** N×3×H×W RGB in [0, 1], any size. **Output:** N×3×{out_size} RGB in [0, 1].
 
-**Training:** `dense train {'gan' if gan else config['task']} configs/{config['id']}.toml`:
+**Training:** `{command}`{where}{start}:
 {loss}; {steps} steps of batch {train['batch_size']}, {train['patch']}-pixel patches of
 {', '.join(config['data']['train'])} (T91: Yang et al. 2010; BSD200: Martin et al. 2001),
 {degradation}; Adam(W), lr {train['lr']}.
@@ -805,6 +836,10 @@ def export_run(run_dir: Path, out_dir: Path | None, data_root: Path,
     from dense.zoo import load
 
     config = json.loads((run_dir / "config.json").read_text())
+    history = run_dir / "history.json"
+    if history.is_file() and "gan" not in config:  # a run by time: the steps it took
+        config["steps_trained"] = (len(json.loads(history.read_text()))
+                                   * config["train"]["steps_per_epoch"])
     model = load(run_dir / "model", device="cpu")
     references: dict[str, nn.Module] = (
         {"bicubic": BicubicUpscaler(_scale(config))} if config["task"] == "sr"
@@ -813,7 +848,8 @@ def export_run(run_dir: Path, out_dir: Path | None, data_root: Path,
     if reference:
         path = Path(reference)
         start = load(path / "model" if (path / "model").is_dir() else reference, device="cpu")
-        references[start.config.get("id", path.name)] = start
+        name = start.config.get("id", path.name)
+        references[f"{name} (before this run)" if name == config["id"] else name] = start
     metrics = measure(model, config, data_root, references)
     metrics["command"] = f"dense export {config['task']} {run_dir}"
     if "gan" not in config:
@@ -847,15 +883,20 @@ def train_restoration(config: dict, data_root: Path, log: Callable[[str], None] 
 
     The best weights (by validation PSNR-Y) are also exported as a zoo folder ``run_dir/model``.
     """
-    from dense.train import fit
+    from dense.train import fit, init_weights, loader_workers
 
     run_dir = _prepare(config)
     task = _Task(config, Path(data_root))
     model = build_generator(config)
     train = config["train"]
-    fit(model, task.batches(train["steps_per_epoch"]), F.mse_loss, task.evaluate, run_dir,
-        epochs=train["epochs"], steps_per_epoch=train["steps_per_epoch"], lr=train["lr"],
-        weight_decay=train.get("weight_decay", 0.0), monitor="psnr", log=log)
+    device = train.get("device", "cpu")
+    if train.get("init"):  # a later stage: start from an earlier run's or model's weights
+        init_weights(model, train["init"])
+    batches = task.batches(train["steps_per_epoch"], loader_workers(device))
+    fit(model, batches, F.mse_loss, task.evaluate, run_dir, epochs=train["epochs"],
+        steps_per_epoch=train["steps_per_epoch"], lr=train["lr"],
+        weight_decay=train.get("weight_decay", 0.0), monitor="psnr", device=device,
+        minutes=train.get("minutes"), amp=train.get("amp"), log=log)
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(best["model"])
     export_model(model, config, best["metrics"], run_dir / "model", config["task"])
@@ -930,9 +971,17 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
     from dense.nn.discriminator import PatchDiscriminator
     from dense.train import plot_curves
 
+    train, gan = config["train"], config["gan"]
+    if train.get("minutes"):
+        raise ValueError("the GAN trains by epochs (config [train] epochs), not by --minutes")
     run_dir = _prepare(config)
     task = _Task(config, Path(data_root))
-    train, gan = config["train"], config["gan"]
+    device = torch.device(train.get("device", "cpu"))
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        degraded, target = task.batch()
+        return degraded.to(device), target.to(device)
+
     generator = build_generator(config)
     discriminator = PatchDiscriminator(**config.get("discriminator", {}))
     opt_g = torch.optim.Adam(generator.parameters(), lr=train["lr"], betas=(0.9, 0.99))
@@ -950,6 +999,13 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
         log(f"resumed from {last} after epoch {len(history)}")
     elif gan.get("init"):
         _init_generator(generator, gan["init"], log)
+    generator.to(device)
+    discriminator.to(device)
+    for optimizer in (opt_g, opt_d):  # resumed moments follow their parameters
+        for value in optimizer.state.values():
+            for key, tensor in value.items():
+                if isinstance(tensor, torch.Tensor) and key != "step":
+                    value[key] = tensor.to(device)
     (run_dir / "samples").mkdir(exist_ok=True)
     for epoch in range(len(history) + 1, train["epochs"] + 1):
         started, logs = time.time(), []
@@ -958,8 +1014,8 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
         for _ in range(train["steps_per_epoch"]):
             record: dict = {}
             for _ in range(gan.get("d_steps", 1)):
-                record.update(discriminator_step(generator, discriminator, opt_d, *task.batch()))
-            record.update(generator_step(generator, discriminator, opt_g, *task.batch(),
+                record.update(discriminator_step(generator, discriminator, opt_d, *batch()))
+            record.update(generator_step(generator, discriminator, opt_g, *batch(),
                                          gan.get("adv_weight", 5e-3), gan.get("content", "l1")))
             logs.append(record)
         generator.eval()
@@ -977,7 +1033,8 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
         log(f"epoch {epoch}/{train['epochs']}  G {entry['loss_g']:.4f}  D {entry['loss_d']:.4f}"
             f"  D acc real {entry['d_acc_real']:.2f} fake {entry['d_acc_fake']:.2f}"
             f"  psnr {metrics['psnr']:.2f}  {entry['seconds']} s")
-    export_model(generator, config, history[-1] if history else {}, run_dir / "model", "gan")
+    export_model(generator.cpu(), config, history[-1] if history else {}, run_dir / "model",
+                 "gan")
     return run_dir
 
 

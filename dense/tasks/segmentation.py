@@ -244,41 +244,57 @@ def evaluate_folder(model: nn.Module, pairs: list[tuple[Path, Path]] | Segmentat
 
 
 def train_from_config(config: dict, data_root: Path, log=print) -> Path:
-    """`dense train seg CONFIG`: train a segmentation U-Net; return the run folder."""
+    """`dense train seg CONFIG`: train a segmentation U-Net; return the run folder.
+
+    Without a ``val`` folder (data carried to a GPU machine without it), validation is skipped
+    and ``[train] snapshot_every`` keeps weights to choose among later.
+    """
     from dense.nn.unet import UNet, load_pretrained_encoder
-    from dense.train import fit
+    from dense.train import fit, init_weights, limit_worker_threads, loader_workers
 
     train_cfg, model_cfg = config["train"], dict(config["model"])
     torch.manual_seed(train_cfg.get("seed", 0))
     torch.set_num_threads(train_cfg.get("threads", torch.get_num_threads()))
+    device = train_cfg.get("device", "cpu")
     root = data_root / config["data"]
     meta = _classes(root)
     names, ignore = meta["classes"], meta["void_label"]
     transform = train_transform(tuple(train_cfg["crop"]), tuple(train_cfg["scale"]), ignore)
     train_set = SegmentationFolder(root / "train/images", root / "train/labels", transform)
-    val_set = SegmentationFolder(root / "val/images", root / "val/labels")
+    val_set = SegmentationFolder(root / "val/images", root / "val/labels") \
+        if (root / "val").is_dir() else None
     weight = class_weights(train_set.labels, len(names)) if train_cfg.get("class_weights") else None
     encoder_weights = model_cfg.pop("encoder_weights", None)
     model = UNet(out_channels=len(names), **model_cfg)
-    if train_cfg.get("init"):  # a second stage: start from an earlier run's best weights
-        model.load_state_dict(torch.load(train_cfg["init"], map_location="cpu",
-                                         weights_only=True)["model"])
+    if train_cfg.get("init"):  # a later stage: start from an earlier run's or model's weights
+        init_weights(model, train_cfg["init"])
     elif encoder_weights:
         load_pretrained_encoder(model, encoder_weights)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=train_cfg["batch_size"],
-                                         shuffle=True, drop_last=True, num_workers=0)
+    workers = loader_workers(device)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=train_cfg["batch_size"], shuffle=True, drop_last=True,
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=workers > 0,
+        worker_init_fn=limit_worker_threads if workers else None)
     model.config = {"labels": names}
+    if weight is not None:
+        weight = weight.to(device)
 
     def evaluate(m: nn.Module) -> dict:
+        if val_set is None:
+            return {"miou": float("nan"), "pixel_accuracy": float("nan")}
         result = evaluate_folder(m, val_set, len(names))
         return {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}
 
+    if val_set is None:
+        log(f"no {root / 'val'}: validation skipped")
     run_dir = Path(config["run_dir"])
     (run_dir).mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     fit(model, lambda: loader, lambda out, y: segmentation_loss(out, y, ignore, weight),
         evaluate, run_dir, epochs=train_cfg["epochs"], steps_per_epoch=len(loader),
-        lr=train_cfg["lr"], weight_decay=train_cfg.get("weight_decay", 1e-4), log=log)
+        lr=train_cfg["lr"], weight_decay=train_cfg.get("weight_decay", 1e-4), device=device,
+        minutes=train_cfg.get("minutes"), amp=train_cfg.get("amp"),
+        snapshot_every=train_cfg.get("snapshot_every", 0), log=log)
     return run_dir
 
 
@@ -404,6 +420,8 @@ def export_run(run_dir: Path, out_dir: Path, data_root: Path, test_time_flip: bo
         "test_time_flip": test_time_flip,
         "training": {"config": run_config, "best_epoch": best["epoch"]},
     }
+    if (run_dir / "history.json").is_file():  # a run by time: the epochs it took
+        config["training"]["epochs_run"] = len(json.loads((run_dir / "history.json").read_text()))
     save_folder(out_dir, state, config, "pending")
     model = load(str(out_dir), device="cpu")
     val = evaluate_folder(model, pair_files(root / "val/images", root / "val/labels"))
@@ -415,7 +433,7 @@ def export_run(run_dir: Path, out_dir: Path, data_root: Path, test_time_flip: bo
         if i >= 3:
             times.append((time.perf_counter() - start) * 1000)
     params = sum(p.numel() for p in model.parameters())
-    flops = count_flops(model, (360, 480))
+    flops = count_flops(load(str(out_dir), device="cpu", backend="eager"), (360, 480))
     metrics = {"val_miou": round(val["miou"], 4), "val_pixel_accuracy":
                round(val["pixel_accuracy"], 4), "val_per_class_iou": val["per_class"],
                "params": params, "gflops_360x480": round(flops / 1e9, 2),
@@ -436,7 +454,16 @@ def _camvid_card(config: dict, m: dict) -> str:
     # Configs are named after their run folders (configs/unet-camvid-stage2.toml → runs/…).
     command = f"`dense train seg configs/{Path(config['training']['config']['run_dir']).name}.toml`"
     stage = ""
-    if train.get("init"):
+    run = config["training"]["config"]
+    if train.get("previous"):  # a later stage that lists the stages before it
+        # Each entry: "configs/x.toml (what it did)".
+        earlier = [f"`dense train seg {entry.split(' (', 1)[0]}`"
+                   + (f" ({entry.split(' (', 1)[1]}" if " (" in entry else "")
+                   for entry in train["previous"]]
+        command = "; then ".join([*earlier, f"this stage, {command}"])
+        if run.get("machine"):
+            command += f" on {run['machine']}"
+    elif train.get("init"):
         first = f"`dense train seg configs/{Path(train['init']).parent.name}.toml`"
         command = f"{first}, then {command}"
         stage = (f", starting from the weights of the first run ({train['init']}, same recipe, "
@@ -462,10 +489,10 @@ connections concatenated. {m['params'] / 1e6:.2f} M parameters, {m['gflops_360x4
 
 **Training:** {command} on CamVid train (367 images):
 per-pixel cross-entropy summed over pixels with ENet class weights, AdamW lr {train['lr']},
-cosine schedule, {train['epochs']} epochs of batch {train['batch_size']} random
-{train['crop'][0]}×{train['crop'][1]} crops (scale jitter {train['scale']}, flips, colour
-jitter){stage}; best epoch by val mIoU: {config['training']['best_epoch']}. Curves:
-`curves.png`.
+cosine schedule, {config['training'].get('epochs_run', train['epochs'])} epochs of batch
+{train['batch_size']} random {train['crop'][0]}×{train['crop'][1]} crops (scale jitter
+{train['scale']}, flips, colour jitter){stage}; {run.get("selection") or "best epoch by val mIoU"}:
+{config['training']['best_epoch']}. Curves: `curves.png`.
 
 **Measured** on CamVid val (101 images, 360×480), this bundled file:
 `dense eval seg --model unet-camvid --images $DENSE_DATA/seg/camvid/val/images --labels

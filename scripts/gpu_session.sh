@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One GPU lease, one command (see docs/benchmarks.md, "GPU"): the GPU benchmark first, alone on
+# the card, then three trainings side by side for MINUTES of wall-clock time each. Expects the
+# data and fp16 weights it needs under .dev/ (the machine reaches nothing else) and writes what
+# comes back to $OUT. No step stops the others: a failed benchmark still leaves the training.
+export PYTHONUNBUFFERED=1 DENSE_WEIGHTS=$PWD/.dev/weights DENSE_DATA=$PWD/.dev/data
+BUDGET_S=${BUDGET_S:-540}  # the whole script, within the call's limit; training gets the rest
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:?set OUT}
+PY=${PY:-python3}
+RUNS=${RUNS_DIR:-/tmp/gpu-runs}
+TRAIN_ARGS=${TRAIN_ARGS:-}  # e.g. "--steps 2" for a dry run on a CPU
+mkdir -p "$RUNS" "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$RUNS/gpu.txt"
+$PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision',
+torchvision.__version__, 'cuda', torch.cuda.is_available())"
+
+# realesrgan-x4plus and blazepose-full travel without their weights (64 MiB limit): their
+# throughput is timed with random weights of the same graph, which costs a GPU the same time.
+[ -d .dev/weights-config ] && $PY - <<'PY'
+import json, os, pathlib, torch
+from dense import zoo
+for folder in pathlib.Path(".dev/weights-config").iterdir():
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("sha256", None)
+    config["weights_note"] = "random weights of the same graph, for timing only"
+    state = zoo.build(config).half().state_dict()
+    zoo.save_folder(pathlib.Path(os.environ["DENSE_WEIGHTS"]) / folder.name, state, config, "")
+PY
+
+BENCH=${BENCH:-1}            # 0: training only
+RESERVE_S=${RESERVE_S:-80}   # kept for a last epoch and the copying back
+# Each training: "task config run-name"; the default is this project's first GPU session.
+JOBS=${JOBS:-"seg configs/unet-camvid-stage3.toml unet-camvid-stage3
+sr configs/unet-sr-x4-gpu.toml unet-sr-x4-gpu
+sr configs/unet-sr-x2-gpu.toml unet-sr-x2-gpu"}
+# One BLAS thread per process: a dozen data workers each spinning 16 OpenBLAS threads starved
+# the first session's machine (no SR epoch finished in 6 minutes).
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+bench() { timeout "$1" $PY -m dense bench "${@:2}" --device "$DEVICE" --peers 2>&1 \
+          | tee -a "$RUNS/bench.txt"; }
+[ "$BENCH" = 1 ] && bench 90 unet-camvid --size 360 480 --batch 32 --runs 50
+[ "$BENCH" = 1 ] && bench 90 blazepose-full --batch 32 --runs 50
+[ "$BENCH" = 1 ] && bench 90 realesrgan-x4plus --size 128 128 --batch 32 --runs 20
+
+# Training gets what the benchmark left, less time for a last epoch and the copying back; a
+# run still going at the hard stop is cut (its snapshots and best weights are on disk).
+MINUTES=${MINUTES:-$($PY -c "print(round(max(1.0, ($BUDGET_S - $SECONDS - $RESERVE_S) / 60), 2))")}
+STOP=$((BUDGET_S - SECONDS - 25))
+echo "training for $MINUTES min each (hard stop after $STOP s)"
+train() { timeout "$STOP" $PY -m dense train "$1" "$2" --device "$DEVICE" --minutes "$MINUTES" \
+          --run-dir "$RUNS/$3" $TRAIN_ARGS > "$RUNS/$3.log" 2>&1; }
+while read -r task config name; do train "$task" "$config" "$name" & done <<< "$JOBS"
+wait
+tail -n 3 "$RUNS"/*.log
+
+# Back: the last four camvid snapshots, each SR run's best weights, and one archive of the rest.
+# Snapshots go back in fp16, as the bundled unet-camvid is stored (16 MiB per file back).
+for f in $(ls "$RUNS"/unet-camvid-stage3/epoch*.pt 2>/dev/null | tail -n 4); do
+  $PY -c "import sys, torch; s = torch.load(sys.argv[1], weights_only=True)
+s['model'] = {k: v.half() if v.is_floating_point() else v for k, v in s['model'].items()}
+torch.save(s, sys.argv[2])" "$f" "$OUT/camvid-$(basename "$f")"
+done
+for f in "$RUNS"/unet-sr-*/best.pt; do cp "$f" "$OUT/$(basename "$(dirname "$f")")-best.pt"; done
+tar -C "$RUNS" -czf "$OUT/logs.tar.gz" --exclude='*.pt' --exclude='*.tmp' --exclude='*.safetensors' .
+ls -la "$OUT"
+[ "$BENCH" = 1 ] && grep -v "^{" "$RUNS/bench.txt"

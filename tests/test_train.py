@@ -1,0 +1,134 @@
+"""The training loop: a schedule by wall-clock time, snapshots, resume, later stages, and a
+segmentation run without validation data (as carried to a GPU machine)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from dense import zoo
+from dense.nn.unet import UNet
+from dense.tasks import segmentation as seg
+from dense.train import cosine, fit, init_weights, limit_worker_threads
+
+
+def tiny_problem() -> tuple[nn.Module, callable]:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x = torch.randn(64, 4)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+    def batches():  # a slow batch, so that a few epochs fill the time budget
+        for i in range(0, 64, 16):
+            time.sleep(0.02)
+            yield x[i:i + 16], y[i:i + 16]
+    return model, batches
+
+
+def test_cosine_runs_from_one_to_zero() -> None:
+    assert cosine(0) == 1 and cosine(1) == pytest.approx(0, abs=1e-12)
+    assert cosine(0.5) == pytest.approx(0.5) and cosine(2) == cosine(1)
+
+
+def test_fit_by_minutes_ends_on_time_with_the_rate_at_zero_and_snapshots(tmp_path) -> None:
+    model, batches = tiny_problem()
+    calls = []
+
+    def evaluate(m: nn.Module) -> dict:
+        calls.append(1)
+        return {"score": -len(calls)}  # best at the first epoch only
+
+    started = time.time()
+    result = fit(model, batches, nn.functional.mse_loss, evaluate, tmp_path, epochs=1000,
+                 steps_per_epoch=4, lr=0.05, monitor="score", minutes=0.02, snapshot_every=3,
+                 log=lambda _: None)
+    history = result["history"]
+    assert 1.2 <= time.time() - started < 5  # 1.2 s budget, stopped at an epoch boundary
+    assert 3 < len(history) < 1000  # epochs came from the time, not from `epochs`
+    assert history[-1]["lr"] < 0.05 * 0.15  # the cosine reached (almost) zero with the time
+    assert history[-1]["loss"] < history[0]["loss"]
+    snapshots = sorted(p.name for p in tmp_path.glob("epoch*.pt"))
+    expected = {f"epoch{e:03d}.pt" for e in range(3, len(history) + 1, 3)}
+    assert set(snapshots) == expected | {f"epoch{len(history):03d}.pt"}  # and the last
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
+    # Resuming a finished run trains nothing more.
+    again = fit(model, batches, nn.functional.mse_loss, evaluate, tmp_path, epochs=1000,
+                steps_per_epoch=4, lr=0.05, monitor="score", minutes=0.02, log=lambda _: None)
+    assert len(again["history"]) == len(history)
+
+
+def test_fit_by_epochs_keeps_the_step_schedule_across_a_resume(tmp_path) -> None:
+    model, batches = tiny_problem()
+    kwargs = dict(steps_per_epoch=4, lr=0.1, monitor="score", log=lambda _: None)
+    fit(model, batches, nn.functional.mse_loss, lambda m: {"score": 0.0}, tmp_path,
+        epochs=2, **kwargs)
+    history = fit(model, batches, nn.functional.mse_loss, lambda m: {"score": 0.0}, tmp_path,
+                  epochs=4, **kwargs)["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    # Warm-up over epoch 1, then cosine over epochs 2..4 (12 steps): at the end, zero.
+    assert history[0]["lr"] == pytest.approx(0.1)
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_init_weights_from_a_zoo_folder_and_a_checkpoint(tmp_path) -> None:
+    args = dict(encoder="plain", encoder_channels=[8, 16], decoder_channels=[8],
+                upsampler="nearest")
+    torch.manual_seed(1)
+    source = UNet(3, **args)
+    config = {"id": "tiny", "task": "segmentation", "architecture": "unet",
+              "arch_args": {"out_channels": 3, **args}}
+    zoo.save_folder(tmp_path / "tiny", source.state_dict(), config, "# tiny\n")
+    torch.save({"model": source.state_dict()}, tmp_path / "best.pt")
+    for origin in (tmp_path / "tiny", tmp_path / "best.pt"):
+        torch.manual_seed(2)
+        target = UNet(3, **args)
+        init_weights(target, origin)
+        for key, value in source.state_dict().items():
+            assert torch.equal(target.state_dict()[key], value), (origin, key)
+
+
+def test_limit_worker_threads_runs_where_workers_run() -> None:
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    with threadpool_limits(limits=None):  # restore the limits afterwards
+        limit_worker_threads(0)
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info())
+
+
+def write_tiny_camvid(root: Path) -> None:
+    """Two training pairs in CamVid's layout, no val folder."""
+    images, labels = root / "train/images", root / "train/labels"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (36, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        Image.fromarray(rng.integers(0, 3, (36, 48), dtype=np.uint8)).save(labels / f"{i}.png")
+    (root / "classes.json").write_text(json.dumps({"classes": ["a", "b", "c"],
+                                                   "void_label": 3}))
+
+
+def test_segmentation_training_without_val_keeps_snapshots(tmp_path) -> None:
+    write_tiny_camvid(tmp_path / "data/seg/tiny")
+    config = {
+        "id": "tiny", "data": "seg/tiny", "run_dir": str(tmp_path / "run"),
+        "model": {"encoder": "plain", "encoder_channels": [8, 16], "decoder_channels": [8],
+                  "upsampler": "nearest"},
+        "train": {"epochs": 3, "batch_size": 2, "crop": [32, 32], "scale": [1.0, 1.0],
+                  "lr": 1e-3, "snapshot_every": 2, "device": "cpu", "threads": 1},
+    }
+    lines = []
+    run = seg.train_from_config(config, tmp_path / "data", log=lines.append)
+    assert "validation skipped" in lines[0]
+    assert sorted(p.name for p in run.glob("epoch*.pt")) == ["epoch002.pt", "epoch003.pt"]
+    assert not (run / "best.pt").exists()  # nothing to choose by: chosen later, on val
+    history = json.loads((run / "history.json").read_text())
+    assert len(history) == 3 and all(np.isnan(h["miou"]) for h in history)
+    assert (run / "curves.png").stat().st_size > 0  # drawn without the unmeasured metric
