@@ -34,6 +34,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float,
                         help="train for this many minutes of wall-clock time instead of the "
                              "config's epochs (the learning-rate schedule follows the time)")
+    parser.add_argument("--init", help="start from these weights instead of the config's init "
+                                        "(a run's .pt, or a model id or folder)")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, or auto (CUDA when available; DENSE_DEVICE overrides)")
 
@@ -51,6 +53,8 @@ def read_run_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
     if args.run_dir:
         config["run_dir"] = str(args.run_dir)
     config["config_file"] = str(args.config)
+    if args.init:
+        config["train"]["init"] = args.init
     from dense.devices import pick_device
 
     config["train"]["device"] = str(pick_device(args.device))

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU lease, one command (see docs/benchmarks.md, "GPU"): the GPU benchmark first, alone on
-# the card, then three trainings side by side for MINUTES of wall-clock time each. Expects the
-# data and fp16 weights it needs under .dev/ (the machine reaches nothing else) and writes what
-# comes back to $OUT. No step stops the others: a failed benchmark still leaves the training.
+# the card, then trainings side by side for MINUTES of wall-clock time each. Expects the data
+# and fp16 weights it needs under .dev/ (the machine reaches nothing else; build it with
+# scripts/gpu_payload.py) and writes what comes back to $OUT. No step stops the others: a
+# failed benchmark still leaves the training.
 export PYTHONUNBUFFERED=1 DENSE_WEIGHTS=$PWD/.dev/weights DENSE_DATA=$PWD/.dev/data
 BUDGET_S=${BUDGET_S:-540}  # the whole script, within the call's limit; training gets the rest
 DEVICE=${DEVICE:-cuda}
@@ -30,10 +31,11 @@ PY
 
 BENCH=${BENCH:-1}            # 0: training only
 RESERVE_S=${RESERVE_S:-80}   # kept for a last epoch and the copying back
-# Each training: "task config run-name"; the default is this project's first GPU session.
-JOBS=${JOBS:-"seg configs/unet-camvid-stage3.toml unet-camvid-stage3
-sr configs/unet-sr-x4-gpu.toml unet-sr-x4-gpu
-sr configs/unet-sr-x2-gpu.toml unet-sr-x2-gpu"}
+# Each training: "task config run-name [more dense train arguments]". The default: the runs of
+# this project's first GPU session, each starting from the fp16 copy of a bundled model.
+JOBS=${JOBS:-"seg configs/unet-camvid-stage3.toml unet-camvid-stage3 --init unet-camvid
+sr configs/unet-sr-x4-gpu-ft.toml unet-sr-x4-gpu-ft --init unet-sr-x4
+sr configs/unet-sr-x2-gpu-ft.toml unet-sr-x2-gpu-ft --init unet-sr-x2"}
 # One BLAS thread per process: a dozen data workers each spinning 16 OpenBLAS threads starved
 # the first session's machine (no SR epoch finished in 6 minutes).
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -50,8 +52,11 @@ MINUTES=${MINUTES:-$($PY -c "print(round(max(1.0, ($BUDGET_S - $SECONDS - $RESER
 STOP=$((BUDGET_S - SECONDS - 25))
 echo "training for $MINUTES min each (hard stop after $STOP s)"
 train() { timeout "$STOP" $PY -m dense train "$1" "$2" --device "$DEVICE" --minutes "$MINUTES" \
-          --run-dir "$RUNS/$3" $TRAIN_ARGS > "$RUNS/$3.log" 2>&1; }
-while read -r task config name; do train "$task" "$config" "$name" & done <<< "$JOBS"
+          --run-dir "$RUNS/$3" "${@:4}" $TRAIN_ARGS > "$RUNS/$3.log" 2>&1; }
+while read -r task config name more; do
+  # shellcheck disable=SC2086  # the extra arguments are meant to split
+  train "$task" "$config" "$name" $more &
+done <<< "$JOBS"
 wait
 tail -n 3 "$RUNS"/*.log
 
