@@ -173,11 +173,12 @@ def onnxruntime_peer(model_id: str, model: torch.nn.Module, x: torch.Tensor,
         import onnxruntime  # noqa: F401 - only whether it is installed
     except ImportError:
         return None
-    from dense.export import export_onnx, export_size, ort_session
+    from dense.devices import served_size
+    from dense.export import export_onnx, export_size, onnx_cache_path, ort_session
 
     size = export_size(model, tuple(x.shape[-2:]))
-    suffix = f"-{size[0]}x{size[1]}" if size else ""
-    path = package_cache() / "onnx" / f"{Path(model_id).name}{suffix}.onnx"
+    # At the size the app serves, the same file the app runs; another size gets its own.
+    path = onnx_cache_path(model, None if size == served_size(model.config) else size)
     if not path.is_file():
         export_onnx(zoo.load(model_id, device="cpu", backend="eager"), path, size)
     session = ort_session(path, threads, spinning=True)  # the runtime's own defaults

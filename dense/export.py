@@ -103,15 +103,17 @@ def check_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = None
 EXPORT_VERSION = 2
 
 
-def onnx_cache_path(model: nn.Module) -> Path:
+def onnx_cache_path(model: nn.Module, size: tuple[int, int] | None = None) -> Path:
     """Where the export of this exact model is cached: keyed by its weights' checksum, the
-    exporter's version and torch's."""
+    exporter's version and torch's; ``size`` for an export fixed to another input size than
+    the one it is served at."""
     from dense.bench import package_cache
 
     digest = model.config.get("sha256", {}).get(zoo.WEIGHTS_FILE, "unversioned")[:16]
     name = Path(model.config.get("id", "model")).name
-    return (package_cache() / "onnx" /
-            f"{name}-{digest}-v{EXPORT_VERSION}-torch{torch.__version__.split('+')[0]}.onnx")
+    at = f"-{size[0]}x{size[1]}" if size else ""
+    return (package_cache() / "onnx" / f"{name}-{digest}{at}-v{EXPORT_VERSION}"
+            f"-torch{torch.__version__.split('+')[0]}.onnx")
 
 
 def ort_session(path: Path, threads: int, spinning: bool):
