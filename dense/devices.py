@@ -60,7 +60,7 @@ def pick_backend(model: nn.Module, device: torch.device, backend: str | None = "
                                                                                "auto")
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
-    if device.type != "cpu":  # with autocast; onnxruntime serves only CPU here
+    if device.type != "cpu":  # onnxruntime serves only CPU here
         return "eager" if backend == "eager" else "channels_last"
     if backend != "auto":
         return backend

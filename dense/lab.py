@@ -49,6 +49,7 @@ from dense.tasks.restoration import (
     psnr_y,
     restore,
 )
+from dense.train import epochs_done as train_epochs_done
 from dense.train import fit
 
 BASE_CONFIG = zoo.REPO_ROOT / "configs" / "lab" / "base.toml"
@@ -290,9 +291,8 @@ def run_dir(seed: int, upsampler: str, base: dict[str, Any] | None = None) -> Pa
 def is_trained(seed: int, upsampler: str, base: dict[str, Any] | None = None) -> bool:
     """True when the run finished all its epochs."""
     base = base if base is not None else base_config()
-    history = run_dir(seed, upsampler, base) / "history.json"
     epochs = base["train"]["steps"] // base["train"]["steps_per_epoch"]
-    return history.is_file() and len(json.loads(history.read_text())) >= epochs
+    return train_epochs_done(run_dir(seed, upsampler, base)) >= epochs
 
 
 def train_lab(seed: int, upsampler: str, *, steps: int | None = None,
@@ -320,7 +320,7 @@ def train_lab(seed: int, upsampler: str, *, steps: int | None = None,
     model = build_model(upsampler, base)
     pairs = training_pairs(require_data(config["data"]), scale, patch)
     validation = benchmark_pairs("Set5", scale)
-    epochs_done = _epochs_done(folder)
+    epochs_done = train_epochs_done(folder)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Seeded by (seed, epoch), not by a running generator, so a resumed run sees the same
@@ -343,11 +343,6 @@ def train_lab(seed: int, upsampler: str, *, steps: int | None = None,
     log(f"{model_id(upsampler)} seed {seed}: {time.time() - started:.0f} s in this call "
         f"({folder})")
     return folder
-
-
-def _epochs_done(folder: Path) -> int:
-    history = folder / "history.json"
-    return len(json.loads(history.read_text())) if history.is_file() else 0
 
 
 def load_run(folder: Path, upsampler: str) -> UNet:

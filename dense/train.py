@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dense.devices import pick_device
+
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments every `dense train TASK CONFIG` takes."""
@@ -55,8 +57,6 @@ def read_run_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
     config["config_file"] = str(args.config)
     if args.init:
         config["train"]["init"] = args.init
-    from dense.devices import pick_device
-
     config["train"]["device"] = str(pick_device(args.device))
     return config, data_root_or_error(args.data)
 
@@ -172,6 +172,12 @@ def fit(
     return {"history": history, "best": best}
 
 
+def epochs_done(run_dir: Path) -> int:
+    """How many epochs a run folder has finished (its ``history.json``; 0 before the first)."""
+    history = Path(run_dir) / "history.json"
+    return len(json.loads(history.read_text())) if history.is_file() else 0
+
+
 def loader_workers(device: torch.device | str) -> int:
     """DataLoader worker processes: none on CPU, where the two cores train and the data are held
     in memory; several on a GPU, which would otherwise wait on augmentation."""
@@ -179,9 +185,11 @@ def loader_workers(device: torch.device | str) -> int:
 
 
 def limit_worker_threads(_worker_id: int = 0) -> None:
-    """A DataLoader ``worker_init_fn``: one BLAS/OpenMP thread per worker process. Each worker
-    otherwise spins as many OpenBLAS threads as the machine has cores; a dozen workers did so on
-    a 16-core GPU machine and starved it (no epoch finished in six minutes)."""
+    """A DataLoader ``worker_init_fn``: one BLAS/OpenMP thread per worker process. Otherwise
+    each worker may start as many OpenBLAS threads as the machine has cores: the likely reason
+    why, on a 16-core GPU machine with a dozen workers, no SR epoch finished in six minutes
+    (with one BLAS thread per process, set through the environment, the same jobs ran at
+    40-60 steps/s)."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)

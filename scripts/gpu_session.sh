@@ -36,8 +36,9 @@ RESERVE_S=${RESERVE_S:-80}   # kept for a last epoch and the copying back
 JOBS=${JOBS:-"seg configs/unet-camvid-stage3.toml unet-camvid-stage3 --init unet-camvid
 sr configs/unet-sr-x4-gpu-ft.toml unet-sr-x4-gpu-ft --init unet-sr-x4
 sr configs/unet-sr-x2-gpu-ft.toml unet-sr-x2-gpu-ft --init unet-sr-x2"}
-# One BLAS thread per process: a dozen data workers each spinning 16 OpenBLAS threads starved
-# the first session's machine (no SR epoch finished in 6 minutes).
+# One BLAS thread per process: without it, no SR epoch finished in 6 minutes in the first call
+# (a dozen data workers, each free to start 16 OpenBLAS threads: the likely cause); with it,
+# the second call ran the same jobs at 40-60 steps/s.
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 bench() { timeout "$1" $PY -m dense bench "${@:2}" --device "$DEVICE" --peers 2>&1 \

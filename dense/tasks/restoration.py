@@ -836,10 +836,10 @@ def export_run(run_dir: Path, out_dir: Path | None, data_root: Path,
     from dense.zoo import load
 
     config = json.loads((run_dir / "config.json").read_text())
-    history = run_dir / "history.json"
-    if history.is_file() and "gan" not in config:  # a run by time: the steps it took
-        config["steps_trained"] = (len(json.loads(history.read_text()))
-                                   * config["train"]["steps_per_epoch"])
+    from dense.train import epochs_done
+
+    if epochs_done(run_dir):  # the steps it took (a run by time has no fixed epoch count)
+        config["steps_trained"] = epochs_done(run_dir) * config["train"]["steps_per_epoch"]
     model = load(run_dir / "model", device="cpu")
     references: dict[str, nn.Module] = (
         {"bicubic": BicubicUpscaler(_scale(config))} if config["task"] == "sr"
@@ -984,28 +984,24 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
 
     generator = build_generator(config)
     discriminator = PatchDiscriminator(**config.get("discriminator", {}))
+    last = run_dir / "last.pt"
+    if not last.is_file() and gan.get("init"):
+        _init_generator(generator, gan["init"], log)
+    # On the device before the optimisers exist: a resumed optimiser state then follows them.
+    generator.to(device)
+    discriminator.to(device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=train["lr"], betas=(0.9, 0.99))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=gan.get("lr_d", train["lr"]),
                              betas=(0.9, 0.99))
     history: list[dict] = []
-    last = run_dir / "last.pt"
     if last.is_file():
-        state = torch.load(last, map_location="cpu", weights_only=True)
+        state = torch.load(last, map_location=device, weights_only=True)
         generator.load_state_dict(state["generator"])
         discriminator.load_state_dict(state["discriminator"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         history = state["history"]
         log(f"resumed from {last} after epoch {len(history)}")
-    elif gan.get("init"):
-        _init_generator(generator, gan["init"], log)
-    generator.to(device)
-    discriminator.to(device)
-    for optimizer in (opt_g, opt_d):  # resumed moments follow their parameters
-        for value in optimizer.state.values():
-            for key, tensor in value.items():
-                if isinstance(tensor, torch.Tensor) and key != "step":
-                    value[key] = tensor.to(device)
     (run_dir / "samples").mkdir(exist_ok=True)
     for epoch in range(len(history) + 1, train["epochs"] + 1):
         started, logs = time.time(), []

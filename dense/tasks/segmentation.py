@@ -401,6 +401,7 @@ def export_run(run_dir: Path, out_dir: Path, data_root: Path, test_time_flip: bo
     import time
 
     from dense.bench import count_flops, machine
+    from dense.train import epochs_done
     from dense.zoo import load, save_folder
 
     run_config = json.loads((run_dir / "config.json").read_text())
@@ -420,8 +421,8 @@ def export_run(run_dir: Path, out_dir: Path, data_root: Path, test_time_flip: bo
         "test_time_flip": test_time_flip,
         "training": {"config": run_config, "best_epoch": best["epoch"]},
     }
-    if (run_dir / "history.json").is_file():  # a run by time: the epochs it took
-        config["training"]["epochs_run"] = len(json.loads((run_dir / "history.json").read_text()))
+    if epochs_done(run_dir):  # the epochs it took (a run by time has no fixed count)
+        config["training"]["epochs_run"] = epochs_done(run_dir)
     save_folder(out_dir, state, config, "pending")
     model = load(str(out_dir), device="cpu")
     val = evaluate_folder(model, pair_files(root / "val/images", root / "val/labels"))
