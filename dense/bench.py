@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dense import zoo
-from dense.devices import inference, model_device, pick_device
+from dense.devices import EXPORT_FASTER, inference, model_device, pick_device, served_size
 
 
 def machine() -> dict:
@@ -173,7 +173,6 @@ def onnxruntime_peer(model_id: str, model: torch.nn.Module, x: torch.Tensor,
         import onnxruntime  # noqa: F401 - only whether it is installed
     except ImportError:
         return None
-    from dense.devices import served_size
     from dense.export import export_onnx, export_size, onnx_cache_path, ort_session
 
     size = export_size(model, tuple(x.shape[-2:]))
@@ -212,8 +211,14 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
     for model_id in ids:
         model = zoo.cached_load(model_id, dev)
         served = getattr(model, "backend", "eager")
-        variants = ({v: zoo.load(model_id, dev, backend=v) for v in ("eager", "channels_last")
-                     if v != served} if peers and dev.type == "cpu" else {})
+        variants = {}
+        if peers and dev.type == "cpu":  # the other CPU backends, to show why "auto" chose
+            names = ["eager", "channels_last"]
+            if (model.config.get("architecture") in EXPORT_FASTER
+                    and served_size(model.config)):
+                names += ["onnxruntime", "openvino"]
+            variants = {v: zoo.load(model_id, dev, backend=v) for v in names if v != served}
+            variants = {v: m for v, m in variants.items() if m.backend == v}  # none fell back
         for size in sizes or [default_size(model)]:
             x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0)).to(dev)
             if dev.type == "cuda":

@@ -6,11 +6,14 @@ per-op casts costing more than half precision saves; ``DENSE_CUDA_DTYPE=fp16`` (
 turns autocast on. On CPU models run in fp32. ``DENSE_DEVICE`` or a ``--device`` flag
 overrides "auto".
 
-On CPU the backend is the fastest measured for the kind of model (docs/benchmarks.md):
-onnxruntime on our own ONNX export for the fixed-size MediaPipe graphs (hundreds of small ops,
-where eager PyTorch pays a dispatch per op) and for unet-camvid at its trained size,
-channels_last PyTorch for everything else (big convolutions, where oneDNN wants NHWC).
-``DENSE_BACKEND`` (``eager``, ``channels_last``, ``onnxruntime``) forces one.
+On CPU the backend is the fastest measured for the kind of model (docs/benchmarks.md): our
+own ONNX export, run by OpenVINO (or onnxruntime where OpenVINO is not installed), for the
+fixed-size MediaPipe graphs (hundreds of small ops, where eager PyTorch pays a dispatch per op)
+and for unet-camvid at its trained size; channels_last PyTorch for everything else (big
+convolutions at any size, where oneDNN wants NHWC). All in fp32: OpenVINO's bf16 on this
+CPU's native bf16 units was faster still but moved BlazePose's landmarks by up to 14% of
+their range on a real photo, so it is not offered. ``DENSE_BACKEND`` (one of BACKENDS) forces
+a backend.
 """
 
 from __future__ import annotations
@@ -26,12 +29,17 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "eager", "channels_last", "onnxruntime")
-# Architectures for which onnxruntime on our export beat channels_last PyTorch on CPU in
-# docs/benchmarks.md: the MediaPipe graphs (fixed input size, 2.9-4× faster) and our
-# segmentation U-Net at the size it was trained for (1.4×; other sizes stay in PyTorch).
-ONNXRUNTIME_FASTER = frozenset({"selfie_segmentation", "blazepose_landmark", "blazepose_detector",
-                                "unet"})
+BACKENDS = ("auto", "eager", "channels_last", "onnxruntime", "openvino")
+# Architectures for which a runtime on our ONNX export beat channels_last PyTorch on CPU in
+# docs/benchmarks.md: the MediaPipe graphs (fixed input size, 3-6× faster) and our
+# segmentation U-Net at the size it was trained for (1.9×; other sizes stay in PyTorch).
+EXPORT_FASTER = frozenset({"selfie_segmentation", "blazepose_landmark", "blazepose_detector",
+                           "unet"})
+def export_runtime() -> str | None:
+    """The fastest installed runtime for our ONNX exports (docs/benchmarks.md), or None."""
+    if importlib.util.find_spec("openvino"):
+        return "openvino"
+    return "onnxruntime" if importlib.util.find_spec("onnxruntime") else None
 
 
 def pick_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -60,14 +68,14 @@ def pick_backend(model: nn.Module, device: torch.device, backend: str | None = "
                                                                                "auto")
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
-    if device.type != "cpu":  # onnxruntime serves only CPU here
+    if device.type != "cpu":  # the export runtimes serve only CPU here
         return "eager" if backend == "eager" else "channels_last"
     if backend != "auto":
         return backend
     config = getattr(model, "config", {})
-    if (config.get("architecture") in ONNXRUNTIME_FASTER and served_size(config)
-            and importlib.util.find_spec("onnxruntime")):
-        return "onnxruntime"
+    runtime = export_runtime()
+    if config.get("architecture") in EXPORT_FASTER and served_size(config) and runtime:
+        return runtime
     return "channels_last"
 
 
@@ -75,19 +83,19 @@ def prepare_model(model: nn.Module, device: torch.device, backend: str | None = 
                   ) -> nn.Module:
     """Put a model in eval mode on ``device`` with the backend of :func:`pick_backend`.
 
-    The choice is recorded as ``model.backend``. If serving through onnxruntime fails (an op
+    The choice is recorded as ``model.backend``. If serving from the ONNX export fails (an op
     the exporter cannot write, a mismatch with PyTorch), the model stays on channels_last and
     the reason is logged.
     """
     model = model.eval().to(device)
     chosen = pick_backend(model, device, backend)
-    if chosen == "onnxruntime":
-        from dense.export import serve_with_onnxruntime
+    if chosen in ("onnxruntime", "openvino"):
+        from dense.export import serve_export
 
         try:
-            serve_with_onnxruntime(model)
+            serve_export(model, chosen)
         except Exception as err:  # noqa: BLE001 - any export/runtime failure falls back
-            log.warning("onnxruntime unavailable for %s (%s); using PyTorch",
+            log.warning("%s unavailable for %s (%s); using PyTorch", chosen,
                         getattr(model, "config", {}).get("id", "model"), err)
             chosen = "channels_last"
     if chosen == "channels_last":

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,21 +80,26 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = Non
     return path
 
 
+def relative_difference(got: list, out: torch.Tensor | dict) -> float:
+    """Largest difference between a runtime's outputs ``got`` (in the export's order) and
+    PyTorch's ``out``, relative to each output's largest magnitude (logits of random noise
+    reach the hundreds; fp32 reassociation then moves them by more than any absolute tolerance
+    fit for probabilities)."""
+    expected = [out[k] for k in sorted(out)] if isinstance(out, dict) else [out]
+    return max(float(np.abs(np.asarray(g) - e.numpy()).max() / max(1.0, float(e.abs().max())))
+               for g, e in zip(got, expected, strict=True))
+
+
 def check_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = None,
                tolerance: float = 5e-3) -> float:
-    """Largest difference between onnxruntime and PyTorch on a random input, relative to each
-    output's largest magnitude (logits of random noise reach the hundreds; fp32 reassociation
-    then moves them by more than any absolute tolerance fit for probabilities)."""
+    """:func:`relative_difference` of onnxruntime on the export at ``path`` from PyTorch, on a
+    random batch of 2; raises beyond ``tolerance``."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = example_input(model, batch=2, size=size)
-    got = session.run(None, {"image": x.numpy()})
     with torch.inference_mode():
-        out = model.cpu()(x)
-    expected = [out[k] for k in sorted(out)] if isinstance(out, dict) else [out]
-    diff = max(float(np.abs(g - e.numpy()).max() / max(1.0, float(e.abs().max())))
-               for g, e in zip(got, expected, strict=True))
+        diff = relative_difference(session.run(None, {"image": x.numpy()}), model.cpu()(x))
     if diff > tolerance:
         raise RuntimeError(f"{path.name}: onnxruntime differs from PyTorch by {diff:.2e}")
     return diff
@@ -120,7 +127,7 @@ def ort_session(path: Path, threads: int, spinning: bool):
     """An onnxruntime CPU session on ``path`` with ``threads`` intra-op threads.
 
     ``spinning``: let idle threads busy-wait between calls (onnxruntime's default). Faster for
-    back-to-back calls on otherwise idle cores; the app turns it off (see serve_with_onnxruntime).
+    back-to-back calls on otherwise idle cores; the app turns it off (see _runner).
     """
     import onnxruntime as ort
 
@@ -130,12 +137,64 @@ def ort_session(path: Path, threads: int, spinning: bool):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def serve_with_onnxruntime(model: nn.Module) -> nn.Module:
-    """Run ``model`` on CPU through onnxruntime on its own ONNX export, for the model's fixed
-    input size (MediaPipe graphs) or the size it was trained at (``input.trained_size``).
+def openvino_model(path: Path, threads: int, batch: int, size: tuple[int, int]):
+    """An OpenVINO CPU model compiled for latency from the ONNX file at ``path``, with
+    ``threads`` inference threads, in fp32, for inputs of exactly ``batch``×3×``size``.
+
+    The export's batch is dynamic; OpenVINO compiled for a static shape ran the MediaPipe
+    graphs 13-37% faster than for the dynamic one (docs/benchmarks.md).
+    """
+    import openvino as ov
+
+    core = ov.Core()
+    graph = core.read_model(str(path))
+    graph.reshape([batch, 3, *size])
+    return core.compile_model(graph, "CPU", {
+        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+        "INFERENCE_PRECISION_HINT": "f32"})
+
+
+def _runner(runtime: str, path: Path, threads: int, size: tuple[int, int]) -> Callable:
+    """A function ``numpy batch -> list of numpy outputs`` (in the export's output order) on
+    the export at ``path``. Safe to call from several threads (the app serves requests in
+    parallel)."""
+    if runtime == "onnxruntime":
+        # No busy-waiting between calls by default: in the app the same cores also decode, draw
+        # and encode (and may run the browser), and spinning threads take their time: live pose
+        # went from 13-15 to 24 frames/s without it, at 20-40% more latency per isolated call
+        # (docs/benchmarks.md). DENSE_ORT_SPINNING=1 turns it back on for batch jobs.
+        session = ort_session(path, threads,
+                              spinning=os.environ.get("DENSE_ORT_SPINNING", "0") == "1")
+        return lambda x: session.run(None, {"image": x})
+    if runtime != "openvino":
+        raise ValueError(f"no runtime '{runtime}' for ONNX exports")
+    compiled: dict[int, object] = {}  # one static-shape model per batch size seen
+    local = threading.local()  # an infer request holds its buffers: one per calling thread
+    lock = threading.Lock()
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        batch = x.shape[0]
+        with lock:
+            if batch not in compiled:
+                compiled[batch] = openvino_model(path, threads, batch, size)
+        requests = local.__dict__.setdefault("requests", {})
+        if batch not in requests:
+            requests[batch] = compiled[batch].create_infer_request()
+        out = requests[batch].infer({0: x}, share_inputs=True)
+        return [out[o] for o in compiled[batch].outputs]
+
+    run(np.zeros((1, 3, *size), np.float32))  # compile the batch-1 model now, not at the 1st call
+    return run
+
+
+def serve_export(model: nn.Module, runtime: str = "onnxruntime") -> nn.Module:
+    """Run ``model`` on CPU through ``runtime`` (``openvino`` or ``onnxruntime``) on its own
+    ONNX export, for the model's fixed input size (MediaPipe
+    graphs) or the size it was trained at (``input.trained_size``).
 
     The export is written once per model version (cached by weights checksum) and checked
-    against PyTorch before it is used. ``model.forward`` is replaced rather than the module
+    against PyTorch (with onnxruntime) before it is used; the serving runtime's own result is
+    checked again at load. ``model.forward`` is replaced rather than the module
     wrapped, so that the caller keeps the same object with its config and attributes; inputs
     the export does not cover (another size, a gradient, a GPU tensor) go to PyTorch.
     """
@@ -143,8 +202,8 @@ def serve_with_onnxruntime(model: nn.Module) -> nn.Module:
 
     size = served_size(model.config)
     if size is None:
-        raise ValueError("only models with a fixed or trained input size are served through "
-                         "onnxruntime")
+        raise ValueError("only models with a fixed or trained input size are served from "
+                         "their ONNX export")
     path = onnx_cache_path(model)
     failed = path.with_suffix(".failed")
     if failed.is_file():  # tried before: do not pay the export again at every load
@@ -161,21 +220,21 @@ def serve_with_onnxruntime(model: nn.Module) -> nn.Module:
             partial.unlink(missing_ok=True)
             raise
         partial.replace(path)  # atomic: a half-written export is never used
-    # No busy-waiting between calls by default: in the app the same cores also decode, draw and
-    # encode (and may run the browser), and spinning threads take their time: live pose went
-    # from 13-15 to 24 frames/s without it, at 20-40% more latency per isolated call
-    # (docs/benchmarks.md). DENSE_ORT_SPINNING=1 turns it back on for batch jobs.
-    session = ort_session(path, torch.get_num_threads(),
-                          spinning=os.environ.get("DENSE_ORT_SPINNING", "0") == "1")
-    names = [o.name for o in session.get_outputs()]
+    run = _runner(runtime, path, torch.get_num_threads(), size)
+    x = example_input(model, size=size)
+    with torch.inference_mode():
+        out = model(x)
+    diff = relative_difference(run(x.numpy()), out)
+    if diff > 5e-3:
+        raise RuntimeError(f"{runtime} on {path.name} differs from PyTorch by {diff:.2e}")
+    names = sorted(out) if isinstance(out, dict) else ["output"]  # the export's output order
     eager = model.forward
 
     def forward(x: torch.Tensor):
         if tuple(x.shape[-2:]) != size or x.device.type != "cpu" or (
                 torch.is_grad_enabled() and x.requires_grad):
             return eager(x)
-        outputs = session.run(None, {"image": x.detach().float().contiguous().numpy()})
-        tensors = [torch.from_numpy(o) for o in outputs]
+        tensors = [torch.from_numpy(o) for o in run(x.detach().float().contiguous().numpy())]
         return tensors[0] if names == ["output"] else dict(zip(names, tensors, strict=True))
 
     model.forward = forward

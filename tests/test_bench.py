@@ -57,18 +57,25 @@ def test_bench_runs_with_peers_and_names_its_machine(capsys, tmp_path, monkeypat
 # The served backend: what the app and `dense predict` run (dense.devices.pick_backend)
 
 
-def test_auto_backend_serves_mediapipe_graphs_through_onnxruntime_equal_to_pytorch() -> None:
+@pytest.mark.parametrize("backend", ["auto", "onnxruntime"])
+def test_export_backends_serve_mediapipe_graphs_equal_to_pytorch(backend: str,
+                                                                  monkeypatch) -> None:
     pytest.importorskip("onnxruntime")
+    if backend == "auto":
+        pytest.importorskip("openvino")
     from dense.images import read_image
 
+    monkeypatch.setenv("DENSE_BACKEND", backend)
     photo = read_image(Path(__file__).parents[1] / "examples" / "astronaut.png").rgb
     for model_id in ("selfie-seg", "blazepose-lite"):
         served = zoo.load(model_id, device="cpu")
         eager = zoo.load(model_id, device="cpu", backend="eager")
-        assert (served.backend, eager.backend) == ("onnxruntime", "eager")
+        want_backend = "openvino" if backend == "auto" else backend
+        assert (served.backend, eager.backend) == (want_backend, "eager")
         size = tuple(served.config["input"]["size"])
         x = torch.nn.functional.interpolate(
             torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255, size=size)
+        x = torch.cat([x, x.flip(-1)])  # a batch of 2: the runtime's other input shape
         with torch.inference_mode():
             got, want = served(x), eager(x)
         got, want = (got, want) if isinstance(got, dict) else ({"out": got}, {"out": want})
@@ -79,6 +86,20 @@ def test_auto_backend_serves_mediapipe_graphs_through_onnxruntime_equal_to_pytor
     # What the export does not cover (here: a gradient through the input) goes to PyTorch.
     x = torch.rand(1, 3, 256, 256, requires_grad=True)
     assert zoo.load("selfie-seg", device="cpu")(x).grad_fn is not None
+
+
+def test_openvino_serves_requests_from_several_threads_at_once() -> None:
+    pytest.importorskip("openvino")
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = zoo.load("selfie-seg", device="cpu", backend="openvino")
+    eager = zoo.load("selfie-seg", device="cpu", backend="eager")
+    inputs = [torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(i))
+              for i in range(8)]
+    with torch.inference_mode(), ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(model, inputs))
+        for x, y in zip(inputs, got, strict=True):
+            assert float((y - eager(x)).abs().max()) < 1e-4
 
 
 def test_backend_choice_can_be_forced_and_other_models_run_channels_last(monkeypatch) -> None:
@@ -107,7 +128,7 @@ def test_a_failed_onnx_export_falls_back_to_pytorch_once(monkeypatch, tmp_path, 
         assert model.backend == "channels_last"
         assert model(torch.rand(1, 3, 256, 256)).shape == (1, 1, 256, 256)
     assert len(calls) == 1  # the failure is remembered: no second export
-    assert "onnxruntime unavailable for selfie-seg" in caplog.text
+    assert "unavailable for selfie-seg" in caplog.text
 
 
 def test_count_flops_of_a_parameterless_module() -> None:
