@@ -56,30 +56,48 @@ def default_size(model: torch.nn.Module) -> tuple[int, int]:
     return tuple(size) if size else (256, 256)
 
 
+def time_round_robin(calls: dict[str, Callable[[], object]], runs: int = 20, warmup: int = 3,
+                     cuda: bool = False) -> dict[str, dict]:
+    """Median, p10 and p90 latency in milliseconds of each call over ``runs`` after ``warmup``,
+    timed in turns: each round runs every call once, so that the machine slowing down or
+    speeding up during the run (other tenants of a shared host) weighs on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for i in range(warmup + runs):
+        for name, call in calls.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            call()
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - start) * 1000)
+    results = {}
+    for name, timed in times.items():
+        deciles = statistics.quantiles(timed, n=10, method="inclusive")
+        results[name] = {"median_ms": round(statistics.median(timed), 3),
+                         "p10_ms": round(deciles[0], 3), "p90_ms": round(deciles[-1], 3),
+                         "runs": runs}
+    return results
+
+
 def time_calls(call: Callable[[], object], runs: int = 20, warmup: int = 3,
                cuda: bool = False) -> dict:
-    """Median, p10 and p90 latency in milliseconds of ``call()`` over ``runs`` after ``warmup``."""
-    times = []
-    for i in range(warmup + runs):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
-    deciles = statistics.quantiles(times, n=10, method="inclusive")
-    return {"median_ms": round(statistics.median(times), 3), "p10_ms": round(deciles[0], 3),
-            "p90_ms": round(deciles[-1], 3), "runs": runs}
+    """:func:`time_round_robin` of one call."""
+    return time_round_robin({"call": call}, runs, warmup, cuda)["call"]
+
+
+def model_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """``model(x)`` as the app runs it (``dense.devices.inference``)."""
+    def call() -> object:
+        with inference(x.device):
+            return model(x)
+    return call
 
 
 def time_model(model: torch.nn.Module, x: torch.Tensor, runs: int = 20, warmup: int = 3) -> dict:
-    """Latency of ``model(x)`` as the app runs it (``dense.devices.inference``)."""
-    def call() -> None:
-        with inference(x.device):
-            model(x)
-    return time_calls(call, runs, warmup, cuda=x.device.type == "cuda")
+    """Latency of ``model(x)`` as the app runs it."""
+    return time_calls(model_call(model, x), runs, warmup, cuda=x.device.type == "cuda")
 
 
 def autocast_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -223,11 +241,10 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
             x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0)).to(dev)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            ours = time_model(model, x, runs)
             # "ours" is what the app and `dense predict` run: the backend picked for the device.
-            rows = [{"runtime": f"dense ({served}, served)", **ours}]
-            rows += [{"runtime": f"dense ({variant})", **time_model(other, x, runs)}
-                     for variant, other in variants.items()]
+            calls = {f"dense ({served}, served)": model_call(model, x)}
+            calls.update({f"dense ({variant})": model_call(other, x)
+                          for variant, other in variants.items()})
             if peers and dev.type == "cpu":
                 for name, call in (
                         ("ai-edge-litert", litert_peer(model_id, x, threads)),
@@ -235,15 +252,17 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
                         ("onnxruntime (our export)", onnxruntime_peer(model_id, model, x, threads)),
                 ):
                     if call is not None:
-                        rows.append({"runtime": name, **time_calls(call, runs)})
+                        calls[name] = call
             if peers and dev.type == "cuda":  # variants on the GPU, against the served path
                 for name, make in (("dense (fp16 autocast)", autocast_call),
                                    ("dense (fp16, CUDA graph)", cuda_graph_call)):
                     try:
-                        rows.append({"runtime": name, **time_calls(make(model, x), runs,
-                                                                   cuda=True)})
+                        calls[name] = make(model, x)
                     except RuntimeError as err:  # a variant that cannot run is reported
                         print(f"{model_id}: {name} failed: {err}")
+            timed = time_round_robin(calls, runs, cuda=dev.type == "cuda")
+            rows = [{"runtime": name, **t} for name, t in timed.items()]
+            ours = timed[next(iter(calls))]
             for row in rows[1:]:
                 row["ours_over_peer"] = round(ours["median_ms"] / row["median_ms"], 3)
             result = {"model": model_id, "device": str(dev), "input": list(size),

@@ -166,6 +166,7 @@ def test_cuda_dtype_setting_is_checked(monkeypatch) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_variants_compute_what_the_served_model_computes() -> None:
     from dense.bench import autocast_call, cuda_graph_call
 
