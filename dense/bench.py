@@ -57,21 +57,32 @@ def default_size(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def time_round_robin(calls: dict[str, Callable[[], object]], runs: int = 20, warmup: int = 3,
-                     cuda: bool = False) -> dict[str, dict]:
-    """Median, p10 and p90 latency in milliseconds of each call over ``runs`` after ``warmup``,
-    timed in turns: each round runs every call once, so that the machine slowing down or
-    speeding up during the run (other tenants of a shared host) weighs on all of them alike."""
+                     cuda: bool = False, rounds: int = 4, settle_s: float = 0.2
+                     ) -> dict[str, dict]:
+    """Median, p10 and p90 latency in milliseconds of each call over ``runs`` timed calls.
+
+    The calls take turns in ``rounds`` blocks, so that a shared host slowing down or speeding
+    up during the run weighs on all of them alike. Each block starts after a pause of
+    ``settle_s``, with ``warmup`` untimed calls: a runtime's worker threads busy-wait for a while
+    after its last call (onnxruntime's by default), and without the pause the next runtime's
+    timings measured that spinning (OpenVINO's blazepose-lite median 4.1 ms after onnxruntime's
+    block, 2.5 ms alone).
+    """
+    rounds = max(1, min(rounds, runs))
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for i in range(warmup + runs):
+    for r in range(rounds):
         for name, call in calls.items():
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            call()
-            if cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times[name].append((time.perf_counter() - start) * 1000)
+            time.sleep(settle_s)
+            timed_here = runs // rounds + (r < runs % rounds)
+            for i in range(warmup + timed_here):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                call()
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - start) * 1000)
     results = {}
     for name, timed in times.items():
         deciles = statistics.quantiles(timed, n=10, method="inclusive")
@@ -83,8 +94,8 @@ def time_round_robin(calls: dict[str, Callable[[], object]], runs: int = 20, war
 
 def time_calls(call: Callable[[], object], runs: int = 20, warmup: int = 3,
                cuda: bool = False) -> dict:
-    """:func:`time_round_robin` of one call."""
-    return time_round_robin({"call": call}, runs, warmup, cuda)["call"]
+    """:func:`time_round_robin` of one call, in one block."""
+    return time_round_robin({"call": call}, runs, warmup, cuda, rounds=1, settle_s=0)["call"]
 
 
 def model_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
