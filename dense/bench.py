@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dense import zoo
-from dense.devices import EXPORT_FASTER, inference, model_device, pick_device, served_size
+from dense.devices import export_runtime, inference, model_device, pick_device, served_size
 
 
 def machine() -> dict:
@@ -243,8 +243,7 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
         variants = {}
         if peers and dev.type == "cpu":  # the other CPU backends, to show why "auto" chose
             names = ["eager", "channels_last"]
-            if (model.config.get("architecture") in EXPORT_FASTER
-                    and served_size(model.config)):
+            if export_runtime(model.config):  # the runtimes tried on our export
                 names += ["onnxruntime", "openvino"]
             variants = {v: zoo.load(model_id, dev, backend=v) for v in names if v != served}
             variants = {v: m for v, m in variants.items() if m.backend == v}  # none fell back

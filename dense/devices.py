@@ -8,9 +8,9 @@ overrides "auto".
 
 On CPU the backend is the fastest measured for the kind of model (docs/benchmarks.md): our
 own ONNX export, run by OpenVINO (or onnxruntime where OpenVINO is not installed), for the
-fixed-size MediaPipe graphs (hundreds of small ops, where eager PyTorch pays a dispatch per op)
-and for unet-camvid at its trained size; channels_last PyTorch for everything else (big
-convolutions at any size, where oneDNN wants NHWC). All in fp32: OpenVINO's bf16 on this
+fixed-size MediaPipe graphs (hundreds of small ops, where eager PyTorch pays a dispatch per op),
+unet-camvid at its trained size and the Real-ESRGAN and waifu2x ports; channels_last PyTorch
+for everything else (where oneDNN in NHWC was as fast). All in fp32: OpenVINO's bf16 on this
 CPU's native bf16 units was faster still but moved BlazePose's landmarks by up to 14% of
 their range on a real photo, so it is not offered. ``DENSE_BACKEND`` (one of BACKENDS) forces
 a backend.
@@ -30,16 +30,31 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "eager", "channels_last", "onnxruntime", "openvino")
-# Architectures for which a runtime on our ONNX export beat channels_last PyTorch on CPU in
-# docs/benchmarks.md: the MediaPipe graphs (fixed input size, 3-6× faster) and our
-# segmentation U-Net at the size it was trained for (1.9×; other sizes stay in PyTorch).
-EXPORT_FASTER = frozenset({"selfie_segmentation", "blazepose_landmark", "blazepose_detector",
-                           "unet"})
-def export_runtime() -> str | None:
-    """The fastest installed runtime for our ONNX exports (docs/benchmarks.md), or None."""
-    if importlib.util.find_spec("openvino"):
-        return "openvino"
-    return "onnxruntime" if importlib.util.find_spec("onnxruntime") else None
+# The runtimes on our ONNX export that beat channels_last PyTorch on CPU, per architecture,
+# fastest first (docs/benchmarks.md): the MediaPipe graphs (fixed input size, 3-7×), our
+# segmentation U-Net at the size it was trained for (2.2×; other sizes stay in PyTorch), and
+# the Real-ESRGAN and waifu2x ports at any size (OpenVINO 10% and 30% faster; onnxruntime was
+# slower than PyTorch on Real-ESRGAN). Not SRVGG (animevideov3): OpenVINO only tied PyTorch.
+EXPORT_RUNTIMES = {
+    "selfie_segmentation": ("openvino", "onnxruntime"),
+    "blazepose_landmark": ("openvino", "onnxruntime"),
+    "blazepose_detector": ("openvino", "onnxruntime"),
+    "unet": ("openvino", "onnxruntime"),
+    "rrdbnet": ("openvino",),
+    "waifu2x_upconv7": ("openvino",),
+}
+
+
+def export_runtime(config: dict) -> str | None:
+    """The fastest installed runtime on our ONNX export of the model with this config, or None
+    where PyTorch is faster or no export covers the model's inputs."""
+    from dense.export import dynamic_export
+
+    if not (served_size(config) or dynamic_export(config)):
+        return None
+    installed = [r for r in EXPORT_RUNTIMES.get(config.get("architecture"), ())
+                 if importlib.util.find_spec(r)]
+    return installed[0] if installed else None
 
 
 def pick_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -55,7 +70,7 @@ def pick_device(name: str | torch.device | None = "auto") -> torch.device:
 
 
 def served_size(config: dict) -> tuple[int, int] | None:
-    """The input size an onnxruntime export covers: the model's fixed input size (MediaPipe
+    """The input size a served export is fixed to: the model's fixed input size (MediaPipe
     graphs) or the size it was trained at (``input.trained_size``); None for neither."""
     inputs = config.get("input", {})
     size = inputs.get("size") or inputs.get("trained_size")
@@ -72,11 +87,7 @@ def pick_backend(model: nn.Module, device: torch.device, backend: str | None = "
         return "eager" if backend == "eager" else "channels_last"
     if backend != "auto":
         return backend
-    config = getattr(model, "config", {})
-    runtime = export_runtime()
-    if config.get("architecture") in EXPORT_FASTER and served_size(config) and runtime:
-        return runtime
-    return "channels_last"
+    return export_runtime(getattr(model, "config", {})) or "channels_last"
 
 
 def prepare_model(model: nn.Module, device: torch.device, backend: str | None = "auto"

@@ -31,20 +31,26 @@ class _Flat(nn.Module):
         return tuple(out[k] for k in self.keys) if self.keys else out
 
 
-def export_size(model: nn.Module, size: tuple[int, int] | None = None) -> tuple[int, int] | None:
-    """The fixed input size of the export, or None for dynamic height and width.
+def dynamic_export(config: dict) -> bool:
+    """Whether the model's export takes any height and width.
 
     Models with a fixed input (their config names one) keep it. Our U-Nets pad the input to a
     multiple of their stride and crop the output back, with Python arithmetic on the traced
-    size, which the ONNX tracer freezes: they are exported for one size (default 256×256).
-    The ports' graphs (RRDBNet, SRVGG, waifu2x) have no such step and stay fully dynamic.
+    size, which the ONNX tracer freezes: they are exported for one size. The ports' graphs
+    (RRDBNet, SRVGG, waifu2x) have no such step and stay fully dynamic.
     """
+    return config.get("architecture") != "unet" and not config.get("input", {}).get("size")
+
+
+def export_size(model: nn.Module, size: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """The fixed input size of the export (``size``, else the model's own, else 256×256 for a
+    U-Net), or None for dynamic height and width (see :func:`dynamic_export`)."""
     fixed = model.config.get("input", {}).get("size")
     if fixed:
         return tuple(fixed)
     if size:
         return tuple(size)
-    return (256, 256) if model.config.get("architecture") == "unet" else None
+    return None if dynamic_export(model.config) else (256, 256)
 
 
 def example_input(model: nn.Module, batch: int = 1,
@@ -137,13 +143,15 @@ def ort_session(path: Path, threads: int, spinning: bool):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def openvino_model(path: Path, threads: int, batch: int, size: tuple[int, int]
+def openvino_model(path: Path, threads: int, batch: int, size: tuple[int, int] | None
                    ) -> tuple[object, list[bool]]:
     """An OpenVINO CPU model compiled for latency from the ONNX file at ``path``, with
-    ``threads`` inference threads, in fp32, for inputs of exactly ``batch``×3×``size``.
+    ``threads`` inference threads, in fp32, for inputs of ``batch``×3×``size`` (any height and
+    width for ``size`` None).
 
     The export's batch is dynamic; OpenVINO compiled for a static shape ran the MediaPipe
-    graphs 13-37% faster than for the dynamic one (docs/benchmarks.md). Outputs with more than
+    graphs 13-37% faster than for the dynamic one (docs/benchmarks.md); the SR ports' big
+    convolutions ran as fast with dynamic height and width as with static. Outputs with more than
     one channel come out channels-last (N×H×W×C), the layout OpenVINO computes them in: turning
     BlazePose's 39×64×64 heatmaps back to channels-first cost it 0.6 of its 4.5 ms. Returns
     the compiled model and, per output, whether it is channels-last.
@@ -153,7 +161,7 @@ def openvino_model(path: Path, threads: int, batch: int, size: tuple[int, int]
 
     core = ov.Core()
     graph = core.read_model(str(path))
-    graph.reshape([batch, 3, *size])
+    graph.reshape([batch, 3, *(size or (-1, -1))])
     layouts = PrePostProcessor(graph)
     channels_last = [o.get_partial_shape().rank.get_length() == 4
                      and o.get_partial_shape()[1].get_length() > 1 for o in graph.outputs]
@@ -166,7 +174,7 @@ def openvino_model(path: Path, threads: int, batch: int, size: tuple[int, int]
     return compiled, channels_last
 
 
-def _runner(runtime: str, path: Path, threads: int, size: tuple[int, int]) -> Callable:
+def _runner(runtime: str, path: Path, threads: int, size: tuple[int, int] | None) -> Callable:
     """A function ``numpy batch -> list of numpy outputs`` (in the export's output order) on
     the export at ``path``. Safe to call from several threads (the app serves requests in
     parallel)."""
@@ -198,7 +206,8 @@ def _runner(runtime: str, path: Path, threads: int, size: tuple[int, int]) -> Ca
         return [out[o].transpose(0, 3, 1, 2) if last else out[o]
                 for o, last in zip(model.outputs, channels_last, strict=True)]
 
-    run(np.zeros((1, 3, *size), np.float32))  # compile the batch-1 model now, not at the 1st call
+    # Compile the batch-1 model now, not at the first call.
+    run(np.zeros((1, 3, *(size or (64, 64))), np.float32))
     return run
 
 
@@ -216,9 +225,9 @@ def serve_export(model: nn.Module, runtime: str = "onnxruntime") -> nn.Module:
     from dense.devices import served_size
 
     size = served_size(model.config)
-    if size is None:
-        raise ValueError("only models with a fixed or trained input size are served from "
-                         "their ONNX export")
+    if size is None and not dynamic_export(model.config):
+        raise ValueError("only models with a fixed or trained input size, or an export of any "
+                         "size, are served from their ONNX export")
     path = onnx_cache_path(model)
     failed = path.with_suffix(".failed")
     if failed.is_file():  # tried before: do not pay the export again at every load
@@ -246,7 +255,7 @@ def serve_export(model: nn.Module, runtime: str = "onnxruntime") -> nn.Module:
     eager = model.forward
 
     def forward(x: torch.Tensor):
-        if tuple(x.shape[-2:]) != size or x.device.type != "cpu" or (
+        if (size and tuple(x.shape[-2:]) != size) or x.device.type != "cpu" or (
                 torch.is_grad_enabled() and x.requires_grad):
             return eager(x)
         tensors = [torch.from_numpy(o) for o in run(x.detach().float().contiguous().numpy())]

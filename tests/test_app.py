@@ -79,6 +79,19 @@ def test_bad_uploads_get_a_clear_message(running_app: str, tmp_path: Path) -> No
                            api_name="/segment")
 
 
+def test_restore_endpoint_keeps_its_call_shape_and_offers_the_self_ensemble(
+        running_app: str) -> None:
+    """Scripts call `/restore` with (image, task, model, degrade first); the self-ensemble
+    option came later, with a default, and must not break them."""
+    from gradio_client import Client, handle_file
+
+    client = Client(running_app, verbose=False, download_files=False)
+    photo = handle_file(str(app.common.EXAMPLES_DIR / "chelsea.png"))
+    tables = [client.predict(photo, "Super-resolution ×2", "bicubic", True, *extra,
+                             api_name="/restore")[1] for extra in ((), (True,))]
+    assert all("PSNR-Y" in table for table in tables)
+
+
 def test_defaults_listen_on_loopback_without_share(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)

@@ -88,6 +88,19 @@ def test_export_backends_serve_mediapipe_graphs_equal_to_pytorch(backend: str,
     assert zoo.load("selfie-seg", device="cpu")(x).grad_fn is not None
 
 
+def test_openvino_serves_an_sr_port_at_any_size_equal_to_pytorch() -> None:
+    pytest.importorskip("openvino")
+    served = zoo.load("waifu2x-photo-x2", device="cpu")
+    eager = zoo.load("waifu2x-photo-x2", device="cpu", backend="eager")
+    assert served.backend == "openvino"
+    for shape in ((1, 3, 37, 50), (2, 3, 64, 24)):
+        x = torch.rand(*shape)
+        with torch.inference_mode():
+            got, want = served(x), eager(x)
+        assert got.shape == want.shape == (shape[0], 3, shape[2] * 2, shape[3] * 2)
+        assert float((got - want).abs().max()) < 1e-4
+
+
 def test_openvino_serves_requests_from_several_threads_at_once() -> None:
     pytest.importorskip("openvino")
     from concurrent.futures import ThreadPoolExecutor
@@ -103,7 +116,8 @@ def test_openvino_serves_requests_from_several_threads_at_once() -> None:
 
 
 def test_backend_choice_can_be_forced_and_other_models_run_channels_last(monkeypatch) -> None:
-    assert zoo.load("waifu2x-photo-x2", device="cpu").backend == "channels_last"
+    assert zoo.load("realesr-animevideov3", device="cpu").backend == "channels_last"
+    assert zoo.load("unet-sr-x2", device="cpu").backend == "channels_last"  # no fixed size
     monkeypatch.setenv("DENSE_BACKEND", "eager")
     assert zoo.load("selfie-seg", device="cpu").backend == "eager"
     monkeypatch.setenv("DENSE_BACKEND", "tensorrt")

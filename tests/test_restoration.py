@@ -465,3 +465,29 @@ def test_oom_module_copy_is_independent() -> None:
     cpu = R._cpu_copy(model)
     assert cpu is not model and cpu.config == model.config
     assert copy.deepcopy(model).limit == 10
+
+
+def test_self_ensemble_of_a_convolution_is_the_convolution_with_the_symmetrised_kernel() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    kernel = conv.weight.detach()[0, 0]
+    views = [kernel.rot90(k) for k in range(4)]
+    views += [v.flip(-1) for v in views]
+    symmetric = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    symmetric.weight.data[0, 0] = torch.stack(views).mean(0)
+    x = torch.rand(1, 1, 12, 17)
+    with torch.no_grad():
+        torch.testing.assert_close(R.SelfEnsemble(conv)(x), symmetric(x), atol=1e-6, rtol=1e-5)
+        assert float((conv(x) - symmetric(x)).abs().max()) > 1e-2  # the kernel was asymmetric
+
+
+def test_self_ensemble_leaves_an_equivariant_model_unchanged_and_reaches_the_cli(
+        tmp_path: Path) -> None:
+    bicubic = R.BicubicUpscaler(2)  # MATLAB bicubic treats rows and columns alike, both ways
+    x = torch.rand(1, 3, 10, 14)
+    torch.testing.assert_close(R.SelfEnsemble(bicubic)(x), bicubic(x), atol=1e-5, rtol=1e-5)
+    image = tmp_path / "in.png"
+    cv2.imwrite(str(image), (np.random.default_rng(0).random((12, 16, 3)) * 255).astype(np.uint8))
+    assert main(["predict", "sr", str(image), "--model", "bicubic", "--scale", "2",
+                 "--self-ensemble", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "in_bicubic_x2_ensemble.png").is_file()
