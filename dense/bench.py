@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from dense import zoo
-from dense.devices import export_runtime, inference, model_device, pick_device, served_size
+from dense.devices import (
+    capture_cuda_graph,
+    export_runtime,
+    inference,
+    model_device,
+    pick_device,
+    served_size,
+)
 
 
 def machine() -> dict:
@@ -120,27 +127,9 @@ def autocast_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], objec
 
 
 def cuda_graph_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    """``model(x)`` under fp16 autocast captured once as a CUDA graph; the call replays it.
-
-    Replaying removes the per-op launch cost that dominates small models at batch 1. Autocast's
-    weight cache is off: cached casts made during capture would be freed under the graph.
-    """
-    static = x.clone()
-    autocast = torch.autocast("cuda", dtype=torch.float16, cache_enabled=False)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.inference_mode(), autocast:
-        for _ in range(3):  # warm-up on a side stream, as capture requires
-            model(static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), autocast, torch.cuda.graph(graph):
-        out = model(static)
-
-    def call() -> object:
-        graph.replay()
-        return out  # the graph's own output tensors, rewritten by each replay
-    return call
+    """``model(x)`` under fp16 autocast captured once as a CUDA graph; the call replays it."""
+    replay = capture_cuda_graph(model, x, torch.float16)
+    return lambda: replay(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,9 +230,9 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
         model = zoo.cached_load(model_id, dev)
         served = getattr(model, "backend", "eager")
         variants = {}
-        if peers and dev.type == "cpu":  # the other CPU backends, to show why "auto" chose
-            names = ["eager", "channels_last"]
-            if export_runtime(model.config):  # the runtimes tried on our export
+        if peers:  # the device's other backends, to show why "auto" chose
+            names = ["eager", "channels_last"] if dev.type == "cpu" else ["channels_last"]
+            if dev.type == "cpu" and export_runtime(model.config):  # runtimes on our export
                 names += ["onnxruntime", "openvino"]
             variants = {v: zoo.load(model_id, dev, backend=v) for v in names if v != served}
             variants = {v: m for v, m in variants.items() if m.backend == v}  # none fell back

@@ -195,3 +195,33 @@ def test_gpu_variants_compute_what_the_served_model_computes() -> None:
         got = next(iter(out.values())) if isinstance(out, dict) else (
             out[0] if isinstance(out, tuple | list) else out)
         torch.testing.assert_close(got.float(), first.float(), atol=0.05, rtol=0.05)
+
+
+def test_cuda_serves_fixed_size_models_through_cuda_graphs() -> None:
+    from dense.devices import pick_backend
+
+    cuda = torch.device("cuda")  # the choice reads the device type only: no GPU needed
+    assert pick_backend(zoo.load("blazepose-full", "cpu", backend="eager"), cuda) == "cuda_graph"
+    assert pick_backend(zoo.load("unet-sr-x4", "cpu", backend="eager"), cuda) == "channels_last"
+    assert pick_backend(zoo.load("selfie-seg", "cpu", backend="eager"), cuda,
+                        "eager") == "eager"
+    # Forced on a CPU, the CUDA-only backend means the CPU's PyTorch path.
+    assert zoo.load("selfie-seg", "cpu", backend="cuda_graph").backend == "channels_last"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_serving_equals_eager_and_returns_outputs_of_its_own() -> None:
+    served = zoo.load("selfie-seg", "cuda")
+    eager = zoo.load("selfie-seg", "cuda", backend="eager")
+    assert served.backend == "cuda_graph"
+    x1, x2 = (torch.rand(1, 3, 256, 256, device="cuda") for _ in range(2))
+    with torch.inference_mode():
+        first = served(x1)  # captures
+        second = served(x2)  # replays
+        kept = first.clone()
+        served(x1)
+        torch.testing.assert_close(first, kept)  # the next replay did not overwrite it
+        torch.testing.assert_close(first, eager(x1), atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(second, eager(x2), atol=1e-3, rtol=1e-3)
+        assert served(torch.rand(2, 3, 256, 256, device="cuda")).shape[0] == 2  # eager
