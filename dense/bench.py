@@ -231,7 +231,7 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
         served = getattr(model, "backend", "eager")
         variants = {}
         if peers:  # the device's other backends, to show why "auto" chose
-            names = ["eager", "channels_last"] if dev.type == "cpu" else ["channels_last"]
+            names = ["eager", "channels_last"]
             if dev.type == "cpu" and export_runtime(model.config):  # runtimes on our export
                 names += ["onnxruntime", "openvino"]
             variants = {v: zoo.load(model_id, dev, backend=v) for v in names if v != served}

@@ -3,14 +3,17 @@
 On CUDA, models run in channels_last memory format in fp32 (TF32 convolutions): on an H200 that
 beat fp16 autocast at batch 1 for every model timed (docs/benchmarks.md, "GPU"), autocast's
 per-op casts costing more than half precision saves; ``DENSE_CUDA_DTYPE=fp16`` (or ``bf16``)
-turns autocast on. On CPU models run in fp32. ``DENSE_DEVICE`` or a ``--device`` flag
-overrides "auto".
+turns autocast on. Models with a fixed input size (the MediaPipe graphs, unet-camvid at its
+trained size) replay a CUDA graph at batch 1 (:class:`CudaGraphForward`), 1.8-4× faster than
+eager in the bench there; that serving path has not yet run on a GPU. On CPU models run in
+fp32. ``DENSE_DEVICE`` or a ``--device`` flag overrides "auto".
 
 On CPU the backend is the fastest measured for the kind of model (docs/benchmarks.md): our
-own ONNX export, run by OpenVINO (or onnxruntime where OpenVINO is not installed), for the
-fixed-size MediaPipe graphs (hundreds of small ops, where eager PyTorch pays a dispatch per op),
-unet-camvid at its trained size and the Real-ESRGAN and waifu2x ports; channels_last PyTorch
-for everything else (where oneDNN in NHWC was as fast). All in fp32: OpenVINO's bf16 on this
+own ONNX export, run by OpenVINO, for the fixed-size MediaPipe graphs (hundreds of small ops,
+where eager PyTorch pays a dispatch per op), unet-camvid at its trained size and the
+Real-ESRGAN and waifu2x ports; without OpenVINO, onnxruntime for the first two (it was slower
+than PyTorch on the ports); channels_last PyTorch for everything else (where oneDNN in NHWC
+was as fast). All in fp32: OpenVINO's bf16 on this
 CPU's native bf16 units was faster still but moved BlazePose's landmarks by up to 14% of
 their range on a real photo, so it is not offered. ``DENSE_BACKEND`` (one of BACKENDS) forces
 a backend.
@@ -86,9 +89,9 @@ def pick_backend(model: nn.Module, device: torch.device, backend: str | None = "
         raise ValueError(f"Unknown backend '{backend}'; choose from {', '.join(BACKENDS)}")
     config = getattr(model, "config", {})
     if device.type == "cuda":  # CUDA graphs where the input size is fixed (see module doc)
-        if backend == "auto":
+        if backend in ("auto", "cuda_graph"):
             return "cuda_graph" if served_size(config) else "channels_last"
-        return backend if backend in ("eager", "cuda_graph") else "channels_last"
+        return "eager" if backend == "eager" else "channels_last"
     if device.type != "cpu" or backend == "cuda_graph":
         return "eager" if backend == "eager" else "channels_last"
     if backend != "auto":
@@ -118,9 +121,15 @@ def prepare_model(model: nn.Module, device: torch.device, backend: str | None = 
     if chosen in ("channels_last", "cuda_graph"):
         model = model.to(memory_format=torch.channels_last)
     if chosen == "cuda_graph":
-        serve_with_cuda_graph(model, served_size(model.config))
+        model.forward = CudaGraphForward(model, served_size(model.config))
     model.backend = chosen
     return model
+
+
+# One capture at a time in the process. Captures run in "thread_local" mode, so the app's
+# other threads may keep running models on their own streams meanwhile, but two captures must
+# not interleave.
+_CAPTURE_LOCK = threading.Lock()
 
 
 def capture_cuda_graph(forward: Callable, x: torch.Tensor, dtype: torch.dtype | None = None
@@ -133,61 +142,84 @@ def capture_cuda_graph(forward: Callable, x: torch.Tensor, dtype: torch.dtype | 
     H200 (1.8-4× faster than eager fp32, docs/benchmarks.md). Autocast's weight cache is off:
     casts cached during capture would be freed under the graph.
     """
-    static = x.clone()
     autocast = torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None,
                               cache_enabled=False)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.inference_mode(), autocast:
-        for _ in range(3):  # warm-up on a side stream, as capture requires
-            forward(static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), autocast, torch.cuda.graph(graph):
-        out = forward(static)
+    with _CAPTURE_LOCK, torch.inference_mode():  # the graph's tensors are inference tensors
+        static = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), autocast:
+            for _ in range(3):  # warm-up on a side stream, as capture requires
+                forward(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with autocast, torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = forward(static)
 
     def replay(new: torch.Tensor) -> object:
-        static.copy_(new)
-        graph.replay()
+        with torch.inference_mode():
+            static.copy_(new)
+            graph.replay()
         return out
     return replay
 
 
 def _copy(out: object) -> object:
+    """Copies of a model's output tensors (a tensor, or a dict, tuple or list of them)."""
     if isinstance(out, dict):
-        return {k: v.clone() for k, v in out.items()}
+        return {k: _copy(v) for k, v in out.items()}
     if isinstance(out, tuple | list):
-        return type(out)(v.clone() for v in out)
-    return out.clone()
+        return type(out)([_copy(v) for v in out])
+    return out.clone() if isinstance(out, torch.Tensor) else out
 
 
-def serve_with_cuda_graph(model: nn.Module, size: tuple[int, int]) -> None:
-    """Serve batch-1 CUDA inputs of ``size`` by replaying a CUDA graph of ``model``, captured at
-    the first such call; anything else (other shapes, gradients, a failed capture) runs eager.
+class CudaGraphForward:
+    """A model's forward that serves batch-1 float32 CUDA inputs of ``size`` by replaying a CUDA
+    graph, captured at the first such call, in the precision of ``DENSE_CUDA_DTYPE``.
 
-    Each call returns copies of the graph's outputs (a caller may keep them while the next
-    call replays), and calls are serialised: the graph has one input and one output buffer.
+    Anything else runs the eager forward: other shapes or dtypes, gradients, another autocast
+    precision than the graph's (an explicit ``torch.autocast`` of the caller is honoured), a
+    call made while some graph is being captured, and every call after a failed capture. An
+    out-of-memory error during capture is not remembered (the next call tries again). Each call
+    returns copies of the graph's outputs, so that a caller may keep them while the next call
+    replays; calls are serialised, as the graph has one input and one output buffer.
     """
-    eager = model.forward
-    lock = threading.Lock()
-    captured: list = []  # [replay function], or [None] once capture failed
 
-    def forward(x: torch.Tensor):
-        if (tuple(x.shape) != (1, 3, *size) or x.device.type != "cuda" or captured == [None]
-                or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing()):
-            return eager(x)
-        with lock:
-            if not captured:
+    def __init__(self, model: nn.Module, size: tuple[int, int]) -> None:
+        self.eager, self.size = model.forward, tuple(size)
+        self.name = getattr(model, "config", {}).get("id", "model")
+        self.lock = threading.Lock()
+        self.replay: Callable[[torch.Tensor], object] | None = None
+        self.dtype: torch.dtype | None = None
+        self.failed = False
+
+    def __call__(self, x: torch.Tensor) -> object:
+        if not self._graph_fits(x):
+            return self.eager(x)
+        with self.lock:
+            if self.replay is None:
+                self.dtype = autocast_dtype(x.device)
                 try:
-                    captured.append(capture_cuda_graph(eager, x, autocast_dtype(x.device)))
+                    self.replay = capture_cuda_graph(self.eager, x, self.dtype)
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    return self.eager(x)
                 except RuntimeError as err:
                     log.warning("CUDA graph capture failed for %s (%s); running eager",
-                                model.config.get("id", "model"), err)
-                    captured.append(None)
-                    return eager(x)
-            return _copy(captured[0](x))
+                                self.name, err)
+                    self.failed = True
+                    return self.eager(x)
+            return _copy(self.replay(x))
 
-    model.forward = forward
+    def _graph_fits(self, x: torch.Tensor) -> bool:
+        if (self.failed or x.device.type != "cuda" or x.dtype != torch.float32
+                or tuple(x.shape) != (1, 3, *self.size) or torch.is_grad_enabled()
+                or torch.cuda.is_current_stream_capturing()):
+            return False
+        caller = (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda")
+                  else None)
+        graph = self.dtype if self.replay is not None else autocast_dtype(x.device)
+        return caller == graph
 
 
 CUDA_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}

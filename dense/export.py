@@ -43,8 +43,8 @@ def dynamic_export(config: dict) -> bool:
 
 
 def export_size(model: nn.Module, size: tuple[int, int] | None = None) -> tuple[int, int] | None:
-    """The fixed input size of the export (``size``, else the model's own, else 256×256 for a
-    U-Net), or None for dynamic height and width (see :func:`dynamic_export`)."""
+    """The fixed input size of the export: the model's own fixed size, else ``size``, else
+    256×256 for a U-Net; None for dynamic height and width (see :func:`dynamic_export`)."""
     fixed = model.config.get("input", {}).get("size")
     if fixed:
         return tuple(fixed)
@@ -206,15 +206,13 @@ def _runner(runtime: str, path: Path, threads: int, size: tuple[int, int] | None
         return [out[o].transpose(0, 3, 1, 2) if last else out[o]
                 for o, last in zip(model.outputs, channels_last, strict=True)]
 
-    # Compile the batch-1 model now, not at the first call.
-    run(np.zeros((1, 3, *(size or (64, 64))), np.float32))
     return run
 
 
 def serve_export(model: nn.Module, runtime: str = "onnxruntime") -> nn.Module:
     """Run ``model`` on CPU through ``runtime`` (``openvino`` or ``onnxruntime``) on its own
-    ONNX export, for the model's fixed input size (MediaPipe
-    graphs) or the size it was trained at (``input.trained_size``).
+    ONNX export: for the model's fixed input size (MediaPipe graphs), the size it was trained
+    at (``input.trained_size``), or any size where the export is dynamic (the SR ports).
 
     The export is written once per model version (cached by weights checksum) and checked
     against PyTorch (with onnxruntime) before it is used; the serving runtime's own result is
@@ -254,7 +252,7 @@ def serve_export(model: nn.Module, runtime: str = "onnxruntime") -> nn.Module:
     names = sorted(out) if isinstance(out, dict) else ["output"]  # the export's output order
     eager = model.forward
 
-    def forward(x: torch.Tensor):
+    def forward(x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         if (size and tuple(x.shape[-2:]) != size) or x.device.type != "cpu" or (
                 torch.is_grad_enabled() and x.requires_grad):
             return eager(x)

@@ -84,6 +84,8 @@ def demo_kernel() -> np.ndarray:
 
 
 def get_restorer(model_id: str, label: str, self_ensemble: bool = False) -> nn.Module:
+    """The shared model (or baseline) for a task's dropdown value, checked against the task;
+    wrapped in a self-ensemble when asked."""
     model = _restorer(model_id, label)
     return R.SelfEnsemble(model) if self_ensemble else model
 
