@@ -4,12 +4,15 @@
         sr/benchmark/Set5/x4 --weights unet-camvid --timing-only blazepose-full realesrgan-x4plus
 
 (the first lease's payload, 62.5 MiB; the second carried ``--data sr/train sr/benchmark/Set5/x2
-sr/benchmark/Set5/x4 --weights unet-sr-x4 unet-sr-x2``.)
+sr/benchmark/Set5/x4 --weights unet-sr-x4 unet-sr-x2``. For the GPU-only tests add
+``--weights selfie-seg blazepose-full --wheels pytest`` and keep ``tests/`` tracked.)
 
 ``--data`` folders are copied from the data root (PNGs re-encoded losslessly at the highest
 compression where that is smaller; pixels checked equal). ``--weights`` are bundled models
 copied in fp16 (a model folder of their own, with its new checksum). ``--timing-only`` models
-travel as their config alone; the session times their graphs with random weights. Add ``.dev/``
+travel as their config alone; the session times their graphs with random weights. ``--wheels``
+are pure-Python packages from the package index with their dependencies (pytest, which the
+lent machine may lack; it reaches no index). Add ``.dev/``
 to ``.git/info/exclude`` and name it in the lease's ``carry``. The tracked ``weights/`` alone
 (about 125 MB) exceeds the limit: for the lease, untrack it and the other folders the session
 does not need (``git rm -r -q --cached weights tests examples docs``, the same paths in
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -52,6 +57,7 @@ def main() -> None:
     parser.add_argument("--data", nargs="*", default=[], help="folders under the data root")
     parser.add_argument("--weights", nargs="*", default=[], help="bundled ids, sent in fp16")
     parser.add_argument("--timing-only", nargs="*", default=[], help="bundled ids, config only")
+    parser.add_argument("--wheels", nargs="*", default=[], help="packages to carry as wheels")
     args = parser.parse_args()
     shutil.rmtree(DEV, ignore_errors=True)
     root = data_root()
@@ -71,6 +77,9 @@ def main() -> None:
     for name in args.timing_only:
         (DEV / "weights-config" / name).mkdir(parents=True)
         shutil.copy(zoo.weights_dir() / name / zoo.CONFIG_FILE, DEV / "weights-config" / name)
+    if args.wheels:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
+                        "-d", str(DEV / "wheels"), *args.wheels], check=True)
     size = sum(p.stat().st_size for p in DEV.rglob("*") if p.is_file())
     print(f"{DEV}: {size / 2**20:.1f} MiB (the lease takes 64 MiB with the working tree)")
 

@@ -16,6 +16,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision',
 torchvision.__version__, 'cuda', torch.cuda.is_available())"
 
+# The GPU-only tests first (`pytest -m gpu`: CUDA-graph serving, the bench's GPU variants, the
+# out-of-memory fallback), from pytest's wheels in .dev/wheels where the machine lacks it.
+if [ "${TESTS:-1}" = 1 ]; then
+  $PY -c "import pytest" 2>/dev/null \
+    || $PY -m pip install -q --no-index --find-links .dev/wheels pytest 2>&1 | tail -n 2
+  timeout 150 $PY -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tail -n 30 \
+    | tee "$RUNS/gpu-tests.txt"
+fi
+
 # realesrgan-x4plus and blazepose-full travel without their weights (64 MiB limit): their
 # throughput is timed with random weights of the same graph, which costs a GPU the same time.
 [ -d .dev/weights-config ] && $PY - <<'PY'

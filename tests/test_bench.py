@@ -88,6 +88,23 @@ def test_export_backends_serve_mediapipe_graphs_equal_to_pytorch(backend: str,
     assert zoo.load("selfie-seg", device="cpu")(x).grad_fn is not None
 
 
+def test_without_openvino_onnxruntime_serves_only_what_it_was_measured_faster_on(
+        monkeypatch) -> None:
+    import importlib.util
+
+    from dense import devices
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "openvino" else real(name, *a))
+    config = zoo.load("selfie-seg", "cpu", backend="eager").config
+    assert devices.export_runtime(config) == "onnxruntime"
+    port = zoo.load("realesrgan-x4plus", "cpu", backend="eager").config
+    assert devices.export_runtime(port) is None  # onnxruntime was slower than PyTorch there
+    unet = zoo.load("unet-sr-x4", "cpu", backend="eager").config
+    assert devices.export_runtime(unet) is None  # no fixed size, and a U-Net's export is not
+
+
 def test_openvino_serves_an_sr_port_at_any_size_equal_to_pytorch() -> None:
     pytest.importorskip("openvino")
     served = zoo.load("waifu2x-photo-x2", device="cpu")

@@ -245,6 +245,7 @@ def test_the_tab_tells_the_user_about_an_out_of_memory_retry(monkeypatch) -> Non
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_out_of_memory_falls_back_to_cpu(caplog: pytest.LogCaptureFixture) -> None:
     model = OOMOnCuda(0)
     model.register_buffer("anchor", torch.zeros(1))  # so model_device() says cuda
