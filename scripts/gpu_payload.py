@@ -78,8 +78,11 @@ def main() -> None:
         (DEV / "weights-config" / name).mkdir(parents=True)
         shutil.copy(zoo.weights_dir() / name / zoo.CONFIG_FILE, DEV / "weights-config" / name)
     if args.wheels:
+        # Resolved for the oldest Python a lent machine may have (3.10 pulls in the backports
+        # that newer ones skip); pure-Python wheels install on any later one too.
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
-                        "-d", str(DEV / "wheels"), *args.wheels], check=True)
+                        "--python-version", "3.10", "-d", str(DEV / "wheels"), *args.wheels],
+                       check=True)
     size = sum(p.stat().st_size for p in DEV.rglob("*") if p.is_file())
     print(f"{DEV}: {size / 2**20:.1f} MiB (the lease takes 64 MiB with the working tree)")
 
