@@ -5,7 +5,8 @@
 
 (the first lease's payload, 62.5 MiB; the second carried ``--data sr/train sr/benchmark/Set5/x2
 sr/benchmark/Set5/x4 --weights unet-sr-x4 unet-sr-x2``. For the GPU-only tests add
-``--weights selfie-seg blazepose-full --wheels pytest`` and keep ``tests/`` tracked.)
+``--weights selfie-seg blazepose-full --wheels pytest exceptiongroup tomli`` and keep ``tests/``
+tracked.)
 
 ``--data`` folders are copied from the data root (PNGs re-encoded losslessly at the highest
 compression where that is smaller; pixels checked equal). ``--weights`` are bundled models
@@ -78,8 +79,9 @@ def main() -> None:
         (DEV / "weights-config" / name).mkdir(parents=True)
         shutil.copy(zoo.weights_dir() / name / zoo.CONFIG_FILE, DEV / "weights-config" / name)
     if args.wheels:
-        # Resolved for the oldest Python a lent machine may have (3.10 pulls in the backports
-        # that newer ones skip); pure-Python wheels install on any later one too.
+        # Wheels that install on Python 3.10 and later. pip evaluates dependency markers for
+        # the Python running here, so the backports an older one needs (pytest on 3.10:
+        # exceptiongroup, tomli) must be named: see the module doc.
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
                         "--python-version", "3.10", "-d", str(DEV / "wheels"), *args.wheels],
                        check=True)
