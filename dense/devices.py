@@ -13,10 +13,9 @@ own ONNX export, run by OpenVINO, for the fixed-size MediaPipe graphs (hundreds 
 where eager PyTorch pays a dispatch per op), unet-camvid at its trained size and the
 Real-ESRGAN and waifu2x ports; without OpenVINO, onnxruntime for the first two (it was slower
 than PyTorch on the ports); channels_last PyTorch for everything else (where oneDNN in NHWC
-was as fast). All in fp32: OpenVINO's bf16 on this
-CPU's native bf16 units was faster still but moved BlazePose's landmarks by up to 14% of
-their range on a real photo, so it is not offered. ``DENSE_BACKEND`` (one of BACKENDS) forces
-a backend.
+was as fast). All in fp32: OpenVINO's bf16 on this CPU's native bf16 units was faster still
+but moved BlazePose's landmarks by up to 14% of their range on a real photo, so it is not
+offered. ``DENSE_BACKEND`` (one of BACKENDS) forces a backend.
 """
 
 from __future__ import annotations
@@ -37,8 +36,9 @@ BACKENDS = ("auto", "eager", "channels_last", "onnxruntime", "openvino", "cuda_g
 # The runtimes on our ONNX export that beat channels_last PyTorch on CPU, per architecture,
 # fastest first (docs/benchmarks.md): the MediaPipe graphs (fixed input size, 3-7×), our
 # segmentation U-Net at the size it was trained for (2.2×; other sizes stay in PyTorch), and
-# the Real-ESRGAN and waifu2x ports at any size (OpenVINO 10% and 30% faster; onnxruntime was
-# slower than PyTorch on Real-ESRGAN). Not SRVGG (animevideov3): OpenVINO only tied PyTorch.
+# the Real-ESRGAN and waifu2x ports at any size (OpenVINO 8-13% and 3-25% faster in two runs;
+# onnxruntime was slower than PyTorch on Real-ESRGAN). Not SRVGG (animevideov3): OpenVINO only
+# tied PyTorch.
 EXPORT_RUNTIMES = {
     "selfie_segmentation": ("openvino", "onnxruntime"),
     "blazepose_landmark": ("openvino", "onnxruntime"),

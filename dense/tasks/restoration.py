@@ -143,7 +143,7 @@ class SelfEnsemble(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.config = {**getattr(model, "config", {}), "self_ensemble": True}
+        self.config = getattr(model, "config", {})  # scale, id and architecture, as the model's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = None
@@ -860,13 +860,13 @@ def export_run(run_dir: Path, out_dir: Path | None, data_root: Path,
     from), with curves, samples and the card."""
     import shutil
 
+    from dense.train import epochs_done
     from dense.zoo import load
 
     config = json.loads((run_dir / "config.json").read_text())
-    from dense.train import epochs_done
-
-    if epochs_done(run_dir):  # the steps it took (a run by time has no fixed epoch count)
-        config["steps_trained"] = epochs_done(run_dir) * config["train"]["steps_per_epoch"]
+    epochs = epochs_done(run_dir)
+    if epochs:  # the steps it took (a run by time has no fixed epoch count)
+        config["steps_trained"] = epochs * config["train"]["steps_per_epoch"]
     model = load(run_dir / "model", device="cpu")
     references: dict[str, nn.Module] = (
         {"bicubic": BicubicUpscaler(_scale(config))} if config["task"] == "sr"

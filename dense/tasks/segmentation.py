@@ -421,8 +421,9 @@ def export_run(run_dir: Path, out_dir: Path, data_root: Path, test_time_flip: bo
         "test_time_flip": test_time_flip,
         "training": {"config": run_config, "best_epoch": best["epoch"]},
     }
-    if epochs_done(run_dir):  # the epochs it took (a run by time has no fixed count)
-        config["training"]["epochs_run"] = epochs_done(run_dir)
+    epochs = epochs_done(run_dir)
+    if epochs:  # the epochs it took (a run by time has no fixed count)
+        config["training"]["epochs_run"] = epochs
     save_folder(out_dir, state, config, "pending")
     model = load(str(out_dir), device="cpu")
     val = evaluate_folder(model, pair_files(root / "val/images", root / "val/labels"))
