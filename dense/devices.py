@@ -13,14 +13,17 @@ own ONNX export, run by OpenVINO, for the fixed-size MediaPipe graphs (hundreds 
 where eager PyTorch pays a dispatch per op), unet-camvid at its trained size and the
 Real-ESRGAN and waifu2x ports; without OpenVINO, onnxruntime for the first two (it was slower
 than PyTorch on the ports); channels_last PyTorch for everything else (where oneDNN in NHWC
-was as fast). All in fp32: OpenVINO's bf16 on this CPU's native bf16 units was faster still
-but moved BlazePose's landmarks by up to 14% of their range on a real photo, so it is not
-offered. ``DENSE_BACKEND`` (one of BACKENDS) forces a backend.
+was as fast). In fp32, except the super-resolution ports on a CPU with native bf16 units
+(AVX512-BF16, AMX): OpenVINO in bf16 ran them 1.8-2× faster than in fp32, with outputs within
+52-55 dB PSNR of fp32's on a real photo (under half a grey level on average;
+tests/test_export.py checks it). Not the others: bf16 moved BlazePose's landmarks by up to 14%
+of their range. ``DENSE_BACKEND`` (one of BACKENDS) forces a backend.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -32,33 +35,53 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "eager", "channels_last", "onnxruntime", "openvino", "cuda_graph")
+BACKENDS = ("auto", "eager", "channels_last", "onnxruntime", "openvino", "openvino_bf16",
+            "cuda_graph")
+EXPORT_BACKENDS = ("onnxruntime", "openvino", "openvino_bf16")  # runtimes on our ONNX export
 # The runtimes on our ONNX export that beat channels_last PyTorch on CPU, per architecture,
 # fastest first (docs/benchmarks.md): the MediaPipe graphs (fixed input size, 3-7×), our
 # segmentation U-Net at the size it was trained for (2.2×; other sizes stay in PyTorch), and
-# the Real-ESRGAN and waifu2x ports at any size (OpenVINO 8-13% and 3-25% faster in two runs;
-# onnxruntime was slower than PyTorch on Real-ESRGAN). Not SRVGG (animevideov3): OpenVINO only
-# tied PyTorch.
+# the super-resolution ports at any size: OpenVINO in bf16 where the CPU has it (see the module
+# doc), else in fp32 for Real-ESRGAN and waifu2x (8-13% and 3-25% faster than PyTorch in two
+# runs; onnxruntime was slower than PyTorch on Real-ESRGAN, and OpenVINO in fp32 only tied
+# PyTorch on SRVGG, animevideov3).
 EXPORT_RUNTIMES = {
     "selfie_segmentation": ("openvino", "onnxruntime"),
     "blazepose_landmark": ("openvino", "onnxruntime"),
     "blazepose_detector": ("openvino", "onnxruntime"),
     "unet": ("openvino", "onnxruntime"),
-    "rrdbnet": ("openvino",),
-    "waifu2x_upconv7": ("openvino",),
+    "rrdbnet": ("openvino_bf16", "openvino"),
+    "waifu2x_upconv7": ("openvino_bf16", "openvino"),
+    "srvgg": ("openvino_bf16",),
 }
 
 
+def runtime_available(runtime: str) -> bool:
+    """Whether ``runtime`` (one of EXPORT_BACKENDS) can run here: its package is installed and,
+    for ``openvino_bf16``, the CPU has native bf16 (else OpenVINO would emulate it)."""
+    if not importlib.util.find_spec(runtime.removesuffix("_bf16")):
+        return False
+    return not runtime.endswith("_bf16") or openvino_native_bf16()
+
+
+@functools.cache
+def openvino_native_bf16() -> bool:
+    """Whether OpenVINO reports native bf16 on this CPU."""
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
 def export_runtime(config: dict) -> str | None:
-    """The fastest installed runtime on our ONNX export of the model with this config, or None
+    """The fastest available runtime on our ONNX export of the model with this config, or None
     where PyTorch is faster or no export covers the model's inputs."""
     from dense.export import dynamic_export
 
     if not (served_size(config) or dynamic_export(config)):
         return None
-    installed = [r for r in EXPORT_RUNTIMES.get(config.get("architecture"), ())
-                 if importlib.util.find_spec(r)]
-    return installed[0] if installed else None
+    available = [r for r in EXPORT_RUNTIMES.get(config.get("architecture"), ())
+                 if runtime_available(r)]
+    return available[0] if available else None
 
 
 def pick_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -109,7 +132,7 @@ def prepare_model(model: nn.Module, device: torch.device, backend: str | None = 
     """
     model = model.eval().to(device)
     chosen = pick_backend(model, device, backend)
-    if chosen in ("onnxruntime", "openvino"):
+    if chosen in EXPORT_BACKENDS:
         from dense.export import serve_export
 
         try:

@@ -203,7 +203,12 @@ def init_weights(model: nn.Module, source: str | Path) -> None:
         from dense.zoo import load
 
         state = load(str(source), device="cpu", backend="eager").state_dict()
-    model.load_state_dict(state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A U-Net grown by zero-initialised refine blocks keeps those blocks as they are (they
+    # start as the identity); any other missing or left-over weight means the wrong source.
+    if unexpected or any(not key.startswith("refine.") for key in missing):
+        raise ValueError(f"{source} does not fit this model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
 
 
 def _to(target: torch.Tensor | Sequence[torch.Tensor], device: torch.device):

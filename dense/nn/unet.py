@@ -43,6 +43,22 @@ class DecoderBlock(nn.Module):
         return self.block(x)
 
 
+class WideResidualBlock(nn.Module):
+    """x + conv(ReLU(conv(x))) with a wide middle (WDSR, Yu et al. 2018: width → 4·width →
+    width). The second conv starts at zero, so adding blocks to a trained U-Net leaves its
+    output unchanged until they learn something: how a bundled model is grown and trained on."""
+
+    def __init__(self, width: int, expansion: int = 4) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(width, width * expansion, 3, padding=1)
+        self.project = nn.Conv2d(width * expansion, width, 3, padding=1)
+        nn.init.zeros_(self.project.weight)
+        nn.init.zeros_(self.project.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.project(F.relu(self.expand(x)))
+
+
 class UNet(nn.Module):
     """A U-Net for any dense task; the task only sets ``out_channels`` and the loss.
 
@@ -58,6 +74,9 @@ class UNet(nn.Module):
             learns only the missing detail).
         norm: "batch" or "none" (restoration models often train better without batch norm).
         encoder_channels: channel widths of the ``plain`` encoder (its depth is len - 1).
+        refine_blocks: ``WideResidualBlock``s on the full-resolution decoder output, before
+            any upscaling. Super-resolution networks (EDSR, WDSR) put their depth at the input
+            resolution, where a layer costs 1/scale² of one at the output's.
     """
 
     def __init__(
@@ -70,6 +89,7 @@ class UNet(nn.Module):
         residual: bool = False,
         norm: str = "batch",
         encoder_channels: tuple[int, ...] | list[int] | None = None,
+        refine_blocks: int = 0,
     ) -> None:
         super().__init__()
         self.encoder = make_encoder(encoder, encoder_channels, norm)
@@ -89,6 +109,7 @@ class UNet(nn.Module):
             for i, s, o in zip(ins, skips, decoder_channels, strict=True)
         )
         width = decoder_channels[-1]
+        self.refine = nn.Sequential(*(WideResidualBlock(width) for _ in range(refine_blocks)))
         self.upscale = nn.ModuleList(
             DecoderBlock(width, 0, width, upsampler, norm) for _ in range(scale.bit_length() - 1)
         )
@@ -102,6 +123,7 @@ class UNet(nn.Module):
         y = features[-1]
         for block, skip in zip(self.decoder, features[-2::-1], strict=True):
             y = block(y, skip)
+        y = self.refine(y)
         for block in self.upscale:
             y = block(y)
         y = self.head(y)[..., : height * self.scale, : width * self.scale]
