@@ -15,9 +15,10 @@ Real-ESRGAN and waifu2x ports; without OpenVINO, onnxruntime for the first two (
 than PyTorch on the ports); channels_last PyTorch for everything else (where oneDNN in NHWC
 was as fast). In fp32, except the super-resolution ports on a CPU with native bf16 units
 (AVX512-BF16, AMX): OpenVINO in bf16 ran them 1.8-2× faster than in fp32, with outputs within
-52-55 dB PSNR of fp32's on a real photo (under half a grey level on average;
-tests/test_export.py checks it). Not the others: bf16 moved BlazePose's landmarks by up to 14%
-of their range. ``DENSE_BACKEND`` (one of BACKENDS) forces a backend.
+49-57 dB PSNR of fp32's on three real photos (0.14-0.62 grey levels on average; ncnn's own bf16
+mode: 49-55 dB on Real-ESRGAN; tests/test_bench.py checks it). Not the others: bf16 moved
+BlazePose's landmarks by up to 14% of their range. ``DENSE_BACKEND`` (one of BACKENDS) forces
+a backend.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ def test_sr_ports_are_served_in_bf16_within_45_db_of_fp32_on_a_real_photo(model_
     with torch.inference_mode():
         got, want = (torch.round(m(x).clamp(0, 1) * 255) for m in (served, eager))
     psnr = 10 * torch.log10(255**2 / ((got - want) ** 2).mean().clamp_min(1e-10))
-    assert psnr > 45, f"{model_id}: bf16 output {psnr:.1f} dB from fp32"  # measured 52-55 dB
+    assert psnr > 45, f"{model_id}: bf16 output {psnr:.1f} dB from fp32"  # measured 49-57 dB
 
 
 def test_openvino_serves_requests_from_several_threads_at_once() -> None:

@@ -94,6 +94,25 @@ def test_init_weights_from_a_zoo_folder_and_a_checkpoint(tmp_path) -> None:
             assert torch.equal(target.state_dict()[key], value), (origin, key)
 
 
+def test_a_unet_grown_by_refine_blocks_starts_as_its_source_and_then_learns(tmp_path) -> None:
+    args = dict(encoder="plain", encoder_channels=[8, 16], decoder_channels=[8],
+                upsampler="pixelshuffle", scale=2, residual=True, norm="none")
+    torch.manual_seed(1)
+    source = UNet(3, **args).eval()
+    torch.save({"model": source.state_dict()}, tmp_path / "best.pt")
+    grown = UNet(3, refine_blocks=2, **args).eval()
+    init_weights(grown, tmp_path / "best.pt")
+    x = torch.rand(1, 3, 12, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(x), source(x), rtol=0, atol=0)
+    loss = (grown(x) - torch.rand(1, 3, 24, 20)).square().mean()
+    loss.backward()  # the zero-initialised convs still get a gradient: the blocks can learn
+    assert float(grown.refine[0].project.weight.grad.abs().sum()) > 0
+    torch.save({"model": grown.state_dict()}, tmp_path / "grown.pt")
+    with pytest.raises(ValueError, match="does not fit"):  # weights left over: refused
+        init_weights(UNet(3, **args), tmp_path / "grown.pt")
+
+
 def test_limit_worker_threads_runs_where_workers_run() -> None:
     from threadpoolctl import threadpool_info, threadpool_limits
 
