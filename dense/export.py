@@ -254,7 +254,7 @@ def serve_export(model: nn.Module, runtime: str = "onnxruntime") -> nn.Module:
         out = model(x)
     diff = relative_difference(run(x.numpy()), out)
     # bf16 keeps 8 bits of mantissa: up to 2% of the range on the example's noise (measured on
-    # the SR ports, 0.6-2%); this check is for a broken graph, tests/test_export.py for fidelity.
+    # the SR ports, 0.6-2%); this check is for a broken graph, tests/test_bench.py for fidelity.
     if diff > (5e-2 if runtime.endswith("_bf16") else 5e-3):
         raise RuntimeError(f"{runtime} on {path.name} differs from PyTorch by {diff:.2e}")
     names = output_names(out)
