@@ -148,6 +148,10 @@ def ort_session(path: Path, threads: int, spinning: bool):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+# OpenVINO's inference precision per served backend name (dense.devices.EXPORT_BACKENDS).
+OPENVINO_PRECISION = {"openvino": "f32", "openvino_bf16": "bf16"}
+
+
 def openvino_model(path: Path, threads: int, batch: int, size: tuple[int, int] | None,
                    precision: str = "f32") -> tuple[object, list[bool]]:
     """An OpenVINO CPU model compiled for latency from the ONNX file at ``path``, with
@@ -191,9 +195,9 @@ def _runner(runtime: str, path: Path, threads: int, size: tuple[int, int] | None
         session = ort_session(path, threads,
                               spinning=os.environ.get("DENSE_ORT_SPINNING", "0") == "1")
         return lambda x: session.run(None, {"image": x})
-    if runtime not in ("openvino", "openvino_bf16"):
+    if runtime not in OPENVINO_PRECISION:
         raise ValueError(f"no runtime '{runtime}' for ONNX exports")
-    precision = "bf16" if runtime.endswith("_bf16") else "f32"
+    precision = OPENVINO_PRECISION[runtime]
     compiled: dict[int, tuple] = {}  # one static-shape model per batch size seen
     local = threading.local()  # an infer request holds its buffers: one per calling thread
     lock = threading.Lock()
@@ -255,7 +259,7 @@ def serve_export(model: nn.Module, runtime: str = "onnxruntime") -> nn.Module:
     diff = relative_difference(run(x.numpy()), out)
     # bf16 keeps 8 bits of mantissa: up to 2% of the range on the example's noise (measured on
     # the SR ports, 0.6-2%); this check is for a broken graph, tests/test_bench.py for fidelity.
-    if diff > (5e-2 if runtime.endswith("_bf16") else 5e-3):
+    if diff > (5e-2 if OPENVINO_PRECISION.get(runtime) == "bf16" else 5e-3):
         raise RuntimeError(f"{runtime} on {path.name} differs from PyTorch by {diff:.2e}")
     names = output_names(out)
     eager = model.forward
