@@ -113,6 +113,27 @@ def test_a_unet_grown_by_refine_blocks_starts_as_its_source_and_then_learns(tmp_
         init_weights(UNet(3, **args), tmp_path / "grown.pt")
 
 
+def test_bf16_training_on_cpu_learns_and_leaves_fp32_weights(tmp_path) -> None:
+    """``amp="bf16"`` on a CPU: autocast plus channels-last while training; the weights, the
+    checkpoint and the model handed back are fp32 and in the usual memory layout."""
+    torch.manual_seed(0)
+    args = dict(encoder="plain", encoder_channels=[8, 16], decoder_channels=[8],
+                upsampler="pixelshuffle", scale=2, residual=True, norm="none")
+    model = UNet(3, **args)
+    hr = nn.functional.interpolate(torch.rand(4, 3, 4, 4), size=16, mode="bilinear")
+    lr = nn.functional.avg_pool2d(hr, 2)  # a smooth image: its detail can be learnt
+    result = fit(model, lambda: iter([(lr, hr)] * 8), nn.functional.mse_loss,
+                 lambda m: {"score": 0.0}, tmp_path, epochs=4, steps_per_epoch=8, lr=3e-3,
+                 monitor="score", amp="bf16", log=lambda _: None)
+    losses = [h["loss"] for h in result["history"]]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    assert all(v.dtype == torch.float32 for v in saved.values())
+    with torch.no_grad():  # an fp32 forward of the trained weights: what evaluation measures
+        assert model(lr).dtype == torch.float32
+
+
 def test_limit_worker_threads_runs_where_workers_run() -> None:
     from threadpoolctl import threadpool_info, threadpool_limits
 
