@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import cv2
@@ -380,6 +381,15 @@ def test_train_restoration_smoke_and_export(tiny_data: Path, tmp_path: Path, tas
     assert zoo.load(folder, device="cpu").config["id"] == f"tiny-{task}"
     wrong = "deblur" if task == "sr" else "sr"
     assert main(["export", wrong, str(run), "--data", str(tiny_data)]) == 2
+    if task == "sr":  # a run stopped before its end has no model/ yet: export writes it
+        shutil.rmtree(run / "model")
+        assert main(["export", task, str(run), "--data", str(tiny_data),
+                     "--out", str(tmp_path / "early")]) == 0
+        assert zoo.load(run / "model", device="cpu").config["id"] == "tiny-sr"
+        assert (tmp_path / "early/model.safetensors").is_file()
+        (run / "best.pt").unlink()  # nothing to export: the error, not a traceback
+        shutil.rmtree(run / "model")
+        assert main(["export", task, str(run), "--data", str(tiny_data)]) == 2
 
 
 def test_train_gan_runs_and_resumes(tiny_data: Path, tmp_path: Path) -> None:

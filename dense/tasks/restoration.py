@@ -924,10 +924,17 @@ def train_restoration(config: dict, data_root: Path, log: Callable[[str], None] 
         steps_per_epoch=train["steps_per_epoch"], lr=train["lr"],
         weight_decay=train.get("weight_decay", 0.0), monitor="psnr", device=device,
         minutes=train.get("minutes"), amp=train.get("amp"), log=log)
+    export_best(run_dir, config)
+    return run_dir
+
+
+def export_best(run_dir: Path, config: dict) -> Path:
+    """An L2 run's ``best.pt`` as the zoo folder ``run_dir/model``: what a finished run writes,
+    and what `dense export` writes for a run stopped before the end of its schedule."""
+    model = build_generator(config)
     best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(best["model"])
-    export_model(model, config, best["metrics"], run_dir / "model", config["task"])
-    return run_dir
+    return export_model(model, config, best["metrics"], run_dir / "model", config["task"])
 
 
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
@@ -1184,9 +1191,11 @@ def _export(args: argparse.Namespace) -> int:
               f"`dense export {config.get('task')}`", file=sys.stderr)
         return 2
     if not (args.run_dir / "model").is_dir():
-        print(f"error: {args.run_dir} has no model/ folder yet (is training finished?)",
-              file=sys.stderr)
-        return 2
+        if not (args.run_dir / "best.pt").is_file():  # (a GAN run keeps no best.pt)
+            print(f"error: {args.run_dir} has no model/ folder yet (is training finished?)",
+                  file=sys.stderr)
+            return 2
+        export_best(args.run_dir, config)  # an L2 run stopped early: its best epoch so far
     root = data_root_or_error(args.data)
     if root is None:
         return 2
