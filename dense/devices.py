@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "eager", "channels_last", "onnxruntime", "openvino", "openvino_bf16",
             "cuda_graph")
-EXPORT_BACKENDS = ("onnxruntime", "openvino", "openvino_bf16")  # runtimes on our ONNX export
+# The runtimes on our ONNX export, each with the package it runs in.
+EXPORT_BACKENDS = {"onnxruntime": "onnxruntime", "openvino": "openvino",
+                   "openvino_bf16": "openvino"}
 # The runtimes on our ONNX export that beat channels_last PyTorch on CPU, per architecture,
 # fastest first (docs/benchmarks.md): the MediaPipe graphs (fixed input size, 3-7×), our
 # segmentation U-Net at the size it was trained for (2.2×; other sizes stay in PyTorch), and
@@ -60,9 +62,9 @@ EXPORT_RUNTIMES = {
 def runtime_available(runtime: str) -> bool:
     """Whether ``runtime`` (one of EXPORT_BACKENDS) can run here: its package is installed and,
     for ``openvino_bf16``, the CPU has native bf16 (else OpenVINO would emulate it)."""
-    if not importlib.util.find_spec(runtime.removesuffix("_bf16")):
+    if not importlib.util.find_spec(EXPORT_BACKENDS[runtime]):
         return False
-    return not runtime.endswith("_bf16") or openvino_native_bf16()
+    return runtime != "openvino_bf16" or openvino_native_bf16()
 
 
 @functools.cache

@@ -214,9 +214,11 @@ def init_weights(model: nn.Module, source: str | Path) -> None:
 
         state = load(str(source), device="cpu", backend="eager").state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # A U-Net grown by zero-initialised refine blocks keeps those blocks as they are (they
-    # start as the identity); any other missing or left-over weight means the wrong source.
-    if unexpected or any(not key.startswith("refine.") for key in missing):
+    # A model grown by modules that start as the identity (zero-initialised refine blocks) keeps
+    # those as they are; any other missing or left-over weight means the wrong source.
+    grown = tuple(f"{name}." for name, module in model.named_modules()
+                  if getattr(module, "starts_as_identity", False))
+    if unexpected or any(not key.startswith(grown) for key in missing):
         raise ValueError(f"{source} does not fit this model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
 

@@ -48,6 +48,8 @@ class WideResidualBlock(nn.Module):
     width). The second conv starts at zero, so adding blocks to a trained U-Net leaves its
     output unchanged until they learn something: how a bundled model is grown and trained on."""
 
+    starts_as_identity = True  # dense.train.init_weights may leave its weights as initialised
+
     def __init__(self, width: int, expansion: int = 4) -> None:
         super().__init__()
         self.expand = nn.Conv2d(width, width * expansion, 3, padding=1)
