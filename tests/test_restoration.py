@@ -303,20 +303,23 @@ def changed(module: nn.Module, before: list[torch.Tensor]) -> bool:
     return any(not torch.equal(p, q) for p, q in zip(module.parameters(), before, strict=True))
 
 
-def test_gan_phases_update_only_their_own_network() -> None:
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_gan_phases_update_only_their_own_network(amp: bool) -> None:
     torch.manual_seed(0)
     g = R.build_generator({"task": "sr", "scale": 2, "model": TINY_MODEL})
     d = PatchDiscriminator(base_channels=8, n_layers=2)
     opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
     lr, hr = torch.rand(4, 3, 16, 16), torch.rand(4, 3, 32, 32)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
     g0, d0 = snapshot(g), snapshot(d)
-    stats = R.discriminator_step(g, d, opt_d, lr, hr)
+    stats = R.discriminator_step(g, d, opt_d, lr, hr, autocast)
     assert changed(d, d0) and not changed(g, g0)
     assert 0 <= stats["d_acc_real"] <= 1 and 0 <= stats["d_acc_fake"] <= 1
     g0, d0 = snapshot(g), snapshot(d)
     d.zero_grad(set_to_none=True)
-    stats = R.generator_step(g, d, opt_g, lr, hr, adv_weight=0.1)
+    stats = R.generator_step(g, d, opt_g, lr, hr, adv_weight=0.1, autocast=autocast)
     assert changed(g, g0) and not changed(d, d0)
+    assert all(p.dtype == torch.float32 for p in (*g.parameters(), *d.parameters()))
     assert all(p.grad is None for p in d.parameters())  # D was frozen: no gradients at all
     assert {"loss_g", "loss_content", "loss_adv"} <= set(stats)
 

@@ -20,6 +20,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -944,14 +945,16 @@ def set_requires_grad(module: nn.Module, flag: bool) -> None:
 
 def discriminator_step(generator: nn.Module, discriminator: nn.Module,
                        optimizer: torch.optim.Optimizer, degraded: torch.Tensor,
-                       target: torch.Tensor) -> dict:
+                       target: torch.Tensor, autocast: AbstractContextManager | None = None
+                       ) -> dict:
     """One D update on half real targets, half restored images (the generator is not touched:
-    its output is computed without gradients)."""
+    its output is computed without gradients). ``autocast`` wraps the forward passes."""
     half = target.shape[0] // 2
     set_requires_grad(discriminator, True)
-    with torch.no_grad():
-        fake = generator(degraded[half:])
-    logits = discriminator(torch.cat([target[:half], fake]))  # one call: shared batch stats
+    with autocast or nullcontext():
+        with torch.no_grad():
+            fake = generator(degraded[half:])
+        logits = discriminator(torch.cat([target[:half], fake])).float()  # one call: shared stats
     real_logits, fake_logits = logits[:half], logits[half:]
     loss = 0.5 * (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
                   + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
@@ -964,12 +967,16 @@ def discriminator_step(generator: nn.Module, discriminator: nn.Module,
 
 def generator_step(generator: nn.Module, discriminator: nn.Module,
                    optimizer: torch.optim.Optimizer, degraded: torch.Tensor,
-                   target: torch.Tensor, adv_weight: float, content: str = "l1") -> dict:
-    """One G update through the frozen discriminator: content loss + adversarial loss."""
+                   target: torch.Tensor, adv_weight: float, content: str = "l1",
+                   autocast: AbstractContextManager | None = None) -> dict:
+    """One G update through the frozen discriminator: content loss + adversarial loss.
+    ``autocast`` wraps the forward passes."""
     set_requires_grad(discriminator, False)  # no D gradients are even computed
-    out = generator(degraded)
+    with autocast or nullcontext():
+        out = generator(degraded)
+        logits = discriminator(out)
+    out, logits = out.float(), logits.float()
     content_loss = (F.l1_loss if content == "l1" else F.mse_loss)(out, target)
-    logits = discriminator(out)
     adv_loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
     loss = content_loss + adv_weight * adv_loss
     optimizer.zero_grad(set_to_none=True)
@@ -981,15 +988,12 @@ def generator_step(generator: nn.Module, discriminator: nn.Module,
 
 
 def _init_generator(generator: nn.Module, source: str, log: Callable[[str], None]) -> None:
-    """Start from an L2 run (its best.pt or a zoo folder): GANs train far better warm."""
-    path = Path(source)
-    if (path / "best.pt").is_file():
-        state = torch.load(path / "best.pt", map_location="cpu", weights_only=True)["model"]
-    else:
-        from safetensors.torch import load_file
+    """Start from an L2 run (its best.pt), a zoo id or a model folder: GANs train far better
+    warm."""
+    from dense.train import init_weights
 
-        state = load_file(path / "model.safetensors")
-    generator.load_state_dict(state)
+    run_best = Path(source) / "best.pt"
+    init_weights(generator, run_best if run_best.is_file() else source)
     log(f"generator initialised from {source}")
 
 
@@ -1037,6 +1041,9 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
         history = state["history"]
         log(f"resumed from {last} after epoch {len(history)}")
     (run_dir / "samples").mkdir(exist_ok=True)
+    # bf16 autocast for the forward passes, as `dense train sr` does with amp = "bf16"; the
+    # weights, optimisers, losses and evaluation stay fp32.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.get("amp") == "bf16")
     for epoch in range(len(history) + 1, train["epochs"] + 1):
         started, logs = time.time(), []
         generator.train()
@@ -1044,9 +1051,11 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
         for _ in range(train["steps_per_epoch"]):
             record: dict = {}
             for _ in range(gan.get("d_steps", 1)):
-                record.update(discriminator_step(generator, discriminator, opt_d, *batch()))
+                record.update(discriminator_step(generator, discriminator, opt_d, *batch(),
+                                                 autocast))
             record.update(generator_step(generator, discriminator, opt_g, *batch(),
-                                         gan.get("adv_weight", 5e-3), gan.get("content", "l1")))
+                                         gan.get("adv_weight", 5e-3), gan.get("content", "l1"),
+                                         autocast))
             logs.append(record)
         generator.eval()
         metrics = task.evaluate(generator)
