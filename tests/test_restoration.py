@@ -63,6 +63,25 @@ def test_bicubic_baseline_reproduces_published_set5_x4() -> None:
     assert result["ssim_y"] == pytest.approx(0.8104, abs=0.002)  # published: 0.8104
 
 
+@pytest.mark.slow
+@needs_data
+def test_bundled_sr_models_reproduce_their_cards_on_set5() -> None:
+    """The figures in the cards are the weights' own, and the GAN is sharper than the L2 model
+    it was fine-tuned from (the app's default side-by-side)."""
+    measured = {}
+    for model_id in ("unet-sr-x2", "unet-sr-x4", "unet-sr-x4-gan"):
+        model = zoo.load(model_id, device="cpu", backend="eager")
+        scale = model.config["scale"]
+        folder = DATA / f"sr/benchmark/Set5/x{scale}"
+        measured[model_id] = R.evaluate_sr(model, folder / "hr", folder / "lr", scale)
+        card = next(b for b in model.config["metrics"]["benchmarks"] if b["set"] == "Set5")
+        for key in ("psnr_y", "ssim_y", "gradient_ratio"):
+            assert measured[model_id][key] == pytest.approx(card["models"][model_id][key],
+                                                            abs=2e-3), (model_id, key)
+    gan, l2 = measured["unet-sr-x4-gan"], measured["unet-sr-x4"]
+    assert gan["gradient_ratio"] > l2["gradient_ratio"] and gan["psnr_y"] < l2["psnr_y"]
+
+
 def test_matlab_imresize_shapes_constants_and_float() -> None:
     flat = np.full((7, 9, 3), 200, np.uint8)
     assert R.matlab_imresize(flat, 0.5).shape == (4, 5, 3)  # ceil, as MATLAB

@@ -748,6 +748,8 @@ def _model_card(config: dict, metrics: dict, kind: str) -> str:
         degradation = ("blurred with random synthesised motion kernels, Gaussians and the 12 "
                        "kernels of kernels_12.npz, plus Gaussian noise up to σ = "
                        f"{train.get('max_noise', 2.0)} grey levels")
+    amp = ("\nTrained under bf16 autocast (`amp = \"bf16\"`; weights, optimiser and evaluation "
+           "fp32)." if train.get("amp") == "bf16" else "")
     text = f"""---
 license: other
 library_name: dense
@@ -764,7 +766,7 @@ a plain encoder, skip connections concatenated, the decoder's output added to th
 **Training:** `{command}`{where}{start}:
 {loss}; {steps} steps of batch {train['batch_size']}, {train['patch']}-pixel patches of
 {', '.join(config['data']['train'])} (T91: Yang et al. 2010; BSD200: Martin et al. 2001),
-{degradation}; Adam(W), lr {train['lr']}.
+{degradation}; Adam(W), lr {train['lr']}.{amp}
 
 **Licence:** the training images are for research use; so are these weights.
 """
