@@ -63,7 +63,6 @@ def test_bicubic_baseline_reproduces_published_set5_x4() -> None:
     assert result["ssim_y"] == pytest.approx(0.8104, abs=0.002)  # published: 0.8104
 
 
-@pytest.mark.slow
 @needs_data
 def test_bundled_sr_models_reproduce_their_cards_on_set5() -> None:
     """The figures in the cards are the weights' own, and the GAN is sharper than the L2 model
