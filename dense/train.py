@@ -127,7 +127,7 @@ def fit(
         history, best = state["history"], state["best"]
         clock["spent"] = sum(h["seconds"] for h in history)
         log(f"resumed from {last} after epoch {len(history)}")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+    autocast = bf16_autocast(device, amp)
     channels_last = amp == "bf16" and device.type == "cpu"
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -192,6 +192,14 @@ def loader_workers(device: torch.device | str) -> int:
     """DataLoader worker processes: none on CPU, where the two cores train and the data are held
     in memory; several on a GPU, which would otherwise wait on augmentation."""
     return min(6, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
+
+
+def bf16_autocast(device: torch.device, amp: str | None) -> torch.autocast:
+    """The autocast a config's ``amp`` asks for: bf16 for ``"bf16"``, a disabled one when absent.
+    Any other value is refused, so that a typo (``"fp16"``) cannot silently train in fp32."""
+    if amp not in (None, "bf16"):
+        raise ValueError(f'amp must be "bf16" or absent, got {amp!r}')
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
 def limit_worker_threads(_worker_id: int = 0) -> None:

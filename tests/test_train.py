@@ -17,7 +17,7 @@ from torch import nn
 from dense import zoo
 from dense.nn.unet import UNet
 from dense.tasks import segmentation as seg
-from dense.train import cosine, fit, init_weights, limit_worker_threads
+from dense.train import bf16_autocast, cosine, fit, init_weights, limit_worker_threads
 
 
 def tiny_problem(tick: callable = lambda: time.sleep(0.02)) -> tuple[nn.Module, callable]:
@@ -31,6 +31,16 @@ def tiny_problem(tick: callable = lambda: time.sleep(0.02)) -> tuple[nn.Module, 
             tick()
             yield x[i:i + 16], y[i:i + 16]
     return model, batches
+
+
+def test_amp_is_bf16_or_absent() -> None:
+    with bf16_autocast(torch.device("cpu"), "bf16"):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with bf16_autocast(torch.device("cpu"), None):
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match="fp16"):  # a typo must not silently train in fp32
+        bf16_autocast(torch.device("cpu"), "fp16")
 
 
 def test_cosine_runs_from_one_to_zero() -> None:

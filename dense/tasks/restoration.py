@@ -1009,7 +1009,7 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
     generator is exported as ``run_dir/model`` (a GAN is judged by eye, not by best PSNR).
     """
     from dense.nn.discriminator import PatchDiscriminator
-    from dense.train import plot_curves
+    from dense.train import bf16_autocast, plot_curves
 
     train, gan = config["train"], config["gan"]
     if train.get("minutes"):
@@ -1045,7 +1045,7 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
     (run_dir / "samples").mkdir(exist_ok=True)
     # bf16 autocast for the forward passes, as `dense train sr` does with amp = "bf16"; the
     # weights, optimisers, losses and evaluation stay fp32.
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=train.get("amp") == "bf16")
+    autocast = bf16_autocast(device, train.get("amp"))
     for epoch in range(len(history) + 1, train["epochs"] + 1):
         started, logs = time.time(), []
         generator.train()
