@@ -5,8 +5,9 @@ beat fp16 autocast at batch 1 for every model timed (docs/benchmarks.md, "GPU"),
 per-op casts costing more than half precision saves; ``DENSE_CUDA_DTYPE=fp16`` (or ``bf16``)
 turns autocast on. Models with a fixed input size (the MediaPipe graphs, unet-camvid at its
 trained size) replay a CUDA graph at batch 1 (:class:`CudaGraphForward`), 1.8-4× faster than
-eager in the bench there; that serving path has not yet run on a GPU. On CPU models run in
-fp32. ``DENSE_DEVICE`` or a ``--device`` flag overrides "auto".
+eager in the bench there (the serving path's test passed on an H100). On CPU models run in
+fp32, with glibc told to keep freed memory for reuse (:func:`keep_freed_memory`).
+``DENSE_DEVICE`` or a ``--device`` flag overrides "auto".
 
 On CPU the backend is the fastest measured for the kind of model (docs/benchmarks.md): our
 own ONNX export, run by OpenVINO, for the fixed-size MediaPipe graphs (hundreds of small ops,
@@ -125,6 +126,29 @@ def pick_backend(model: nn.Module, device: torch.device, backend: str | None = "
     return export_runtime(config) or "channels_last"
 
 
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse instead of handing it back to the kernel at once.
+
+    A U-Net's activations are megabytes each. glibc serves blocks above its mmap threshold from
+    fresh mappings and unmaps them when they are freed, so every forward pass faults all its
+    activation pages in again: for unet-sr-x2 at 128×128 on the 2-core CPU, 62,000 page faults
+    and 215 ms a call, against 600 faults and 119 ms with M_MMAP_THRESHOLD at glibc's 32 MiB
+    maximum and M_TRIM_THRESHOLD at 256 MiB (onnxruntime, with its own arena, took 117 ms; all
+    measured 2026-11-26). glibc's own ``mallopt`` through ctypes rather than jemalloc or
+    tcmalloc: those need LD_PRELOAD before the process starts; this works from inside it.
+    Returns whether glibc took both settings (False elsewhere: macOS, Windows, musl)."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and
+                libc.mallopt(m_trim_threshold, 256 << 20))
+
+
 def prepare_model(model: nn.Module, device: torch.device, backend: str | None = "auto"
                   ) -> nn.Module:
     """Put a model in eval mode on ``device`` with the backend of :func:`pick_backend`.
@@ -134,6 +158,8 @@ def prepare_model(model: nn.Module, device: torch.device, backend: str | None = 
     the reason is logged.
     """
     model = model.eval().to(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     chosen = pick_backend(model, device, backend)
     if chosen in EXPORT_BACKENDS:
         from dense.export import serve_export
@@ -275,6 +301,9 @@ def inference(device: torch.device) -> Iterator[None]:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device a model's parameters live on (CPU for a parameterless module)."""
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
+    """The device a model's tensors live on: its parameters', else its buffers' (a module with
+    buffers only, moved to a GPU, is on the GPU); CPU for a module with neither."""
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")

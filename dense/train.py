@@ -33,6 +33,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="override the config's steps per epoch")
     parser.add_argument("--run-dir", type=Path, help="override the config's run folder")
     parser.add_argument("--threads", type=int, help="override the config's CPU threads")
+    parser.add_argument("--lr", type=float, help="override the config's peak learning rate")
     parser.add_argument("--minutes", type=float,
                         help="train for this many minutes of wall-clock time instead of the "
                              "config's epochs (the learning-rate schedule follows the time)")
@@ -49,7 +50,7 @@ def read_run_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
 
     config = tomllib.loads(args.config.read_text(encoding="utf-8"))
     for key, value in (("epochs", args.epochs), ("steps_per_epoch", args.steps),
-                       ("threads", args.threads), ("minutes", args.minutes)):
+                       ("threads", args.threads), ("minutes", args.minutes), ("lr", args.lr)):
         if value:
             config["train"][key] = value
     if args.run_dir:

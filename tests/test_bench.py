@@ -4,6 +4,7 @@ with its peers and names its machine (timings are reported, never asserted)."""
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -228,13 +229,14 @@ def test_gpu_variants_compute_what_the_served_model_computes() -> None:
     x = torch.rand(1, 3, 256, 256, device="cuda")
     with torch.inference_mode():
         served = model(x)
-    first = next(iter(served.values())) if isinstance(served, dict) else (
-        served[0] if isinstance(served, tuple | list) else served)
+    # Landmarks: x, y, z in pixels of the 256-px input, then visibility and presence in [0, 1].
+    # z is left out: its rounding grows through the whole network (fp16 moved it 2.1 px on an
+    # H100, 2.7 px in fp16 on a CPU, while x and y moved under 0.5 px). On this random input
+    # the visibilities sit where the sigmoid is steepest: fp16 moved one by 0.067 on an H100.
     for make in (autocast_call, cuda_graph_call):
-        out = make(model, x)()
-        got = next(iter(out.values())) if isinstance(out, dict) else (
-            out[0] if isinstance(out, tuple | list) else out)
-        torch.testing.assert_close(got.float(), first.float(), atol=0.05, rtol=0.05)
+        got = make(model, x)()["landmarks"].float()
+        torch.testing.assert_close(got[..., :2], served["landmarks"][..., :2], atol=1.0, rtol=0)
+        torch.testing.assert_close(got[..., 3:], served["landmarks"][..., 3:], atol=0.1, rtol=0)
 
 
 def test_cuda_serves_fixed_size_models_through_cuda_graphs() -> None:
@@ -265,3 +267,20 @@ def test_cuda_graph_serving_equals_eager_and_returns_outputs_of_its_own() -> Non
         torch.testing.assert_close(first, eager(x1), atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(second, eager(x2), atol=1e-3, rtol=1e-3)
         assert served(torch.rand(2, 3, 256, 256, device="cuda")).shape[0] == 2  # eager
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_cpu_serving_keeps_freed_activations_instead_of_faulting_them_in_again() -> None:
+    """unet-deblur served on the CPU at 128×128: with glibc's defaults 2,000-4,300 page faults
+    per call were measured here (its activations faulted in again on every call), with
+    keep_freed_memory (which zoo.load calls for a CPU model) 0-106."""
+    import resource
+
+    model = zoo.load("unet-deblur", "cpu")
+    x = torch.rand(1, 3, 128, 128)
+    with torch.inference_mode():
+        model(x)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(5):
+            model(x)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5 < 1000

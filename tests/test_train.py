@@ -17,7 +17,15 @@ from torch import nn
 from dense import zoo
 from dense.nn.unet import UNet
 from dense.tasks import segmentation as seg
-from dense.train import bf16_autocast, cosine, fit, init_weights, limit_worker_threads
+from dense.train import (
+    add_run_arguments,
+    bf16_autocast,
+    cosine,
+    fit,
+    init_weights,
+    limit_worker_threads,
+    read_run_config,
+)
 
 
 def tiny_problem(tick: callable = lambda: time.sleep(0.02)) -> tuple[nn.Module, callable]:
@@ -41,6 +49,25 @@ def test_amp_is_bf16_or_absent() -> None:
         assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(ValueError, match="fp16"):  # a typo must not silently train in fp32
         bf16_autocast(torch.device("cpu"), "fp16")
+
+
+def test_command_line_overrides_the_config(tmp_path) -> None:
+    import argparse
+
+    config = tmp_path / "run.toml"
+    config.write_text('id = "x"\nrun_dir = "runs/x"\n[train]\nepochs = 5\nlr = 2e-4\n')
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    args = parser.parse_args([str(config), "--lr", "1e-4", "--minutes", "7", "--steps", "3",
+                              "--run-dir", str(tmp_path / "r"), "--device", "cpu",
+                              "--data", str(tmp_path)])
+    got, root = read_run_config(args)
+    assert got["train"] == {"epochs": 5, "lr": 1e-4, "minutes": 7.0, "steps_per_epoch": 3,
+                            "device": "cpu"}
+    assert got["run_dir"] == str(tmp_path / "r") and root == tmp_path
+    untouched, _ = read_run_config(parser.parse_args([str(config), "--data", str(tmp_path),
+                                                      "--device", "cpu"]))
+    assert untouched["train"]["lr"] == 2e-4
 
 
 def test_cosine_runs_from_one_to_zero() -> None:
