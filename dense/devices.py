@@ -131,13 +131,14 @@ def keep_freed_memory() -> bool:
     """Have glibc keep freed memory for reuse instead of handing it back to the kernel at once.
 
     A U-Net's activations are megabytes each. glibc serves blocks above its mmap threshold from
-    fresh mappings and unmaps them when they are freed, so every forward pass faults all its
-    activation pages in again: for unet-sr-x2 at 128×128 on the 2-core CPU, 62,000 page faults
-    and 215 ms a call, against 600 faults and 119 ms with M_MMAP_THRESHOLD at glibc's 32 MiB
-    maximum and M_TRIM_THRESHOLD at 256 MiB (onnxruntime, with its own arena, took 117 ms; all
-    measured 2026-11-26). glibc's own ``mallopt`` through ctypes rather than jemalloc or
-    tcmalloc: those need LD_PRELOAD before the process starts; this works from inside it.
-    Returns whether glibc took both settings (False elsewhere: macOS, Windows, musl)."""
+    fresh mappings, unmaps them when they are freed and trims the heap's free top above its
+    trim threshold, so every forward pass faulted its activation pages in again: for unet-sr-x2
+    at 128×128 on the 2-core CPU, 62,000 page faults and 215 ms a call, against 600 faults and
+    119 ms with M_MMAP_THRESHOLD at glibc's 32 MiB maximum and M_TRIM_THRESHOLD at 256 MiB
+    (onnxruntime, with its own arena, took 117 ms; all measured 2026-11-26). glibc's own
+    ``mallopt`` through ctypes rather than jemalloc or tcmalloc: those need LD_PRELOAD before
+    the process starts; this works from inside it. Returns whether glibc took both settings
+    (False elsewhere: macOS, Windows, musl)."""
     import ctypes
     import platform
 
