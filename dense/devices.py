@@ -133,8 +133,8 @@ def keep_freed_memory() -> bool:
     A U-Net's activations are megabytes each. glibc serves blocks above its mmap threshold from
     fresh mappings, unmaps them when they are freed and trims the heap's free top above its
     trim threshold, so every forward pass faulted its activation pages in again: for unet-sr-x2
-    at 128×128 on the 2-core CPU, 62,000 page faults and 215 ms a call, against 600 faults and
-    119 ms with M_MMAP_THRESHOLD at glibc's 32 MiB maximum and M_TRIM_THRESHOLD at 256 MiB
+    at 128×128 on the 2-core CPU, 62,000 page faults and 215 ms a call, against 600-900 faults
+    and 118-123 ms with M_MMAP_THRESHOLD at glibc's 32 MiB maximum and M_TRIM_THRESHOLD at 256 MiB
     (onnxruntime, with its own arena, took 117 ms; all measured 2026-11-26). glibc's own
     ``mallopt`` through ctypes rather than jemalloc or tcmalloc: those need LD_PRELOAD before
     the process starts; this works from inside it. Returns whether glibc took both settings

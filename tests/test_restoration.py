@@ -25,6 +25,7 @@ from dense.data import data_root
 from dense.images import read_image, save_png
 from dense.nn.discriminator import PatchDiscriminator
 from dense.tasks import restoration as R
+from dense.train import bf16_autocast
 
 EXAMPLES = zoo.REPO_ROOT / "examples"
 DATA = data_root()
@@ -328,7 +329,7 @@ def test_gan_phases_update_only_their_own_network(amp: bool) -> None:
     d = PatchDiscriminator(base_channels=8, n_layers=2)
     opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
     lr, hr = torch.rand(4, 3, 16, 16), torch.rand(4, 3, 32, 32)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
+    autocast = bf16_autocast(torch.device("cpu"), "bf16" if amp else None)
     g0, d0 = snapshot(g), snapshot(d)
     stats = R.discriminator_step(g, d, opt_d, lr, hr, autocast)
     assert changed(d, d0) and not changed(g, g0)
@@ -408,6 +409,10 @@ def test_train_restoration_smoke_and_export(tiny_data: Path, tmp_path: Path, tas
                      "--out", str(tmp_path / "early")]) == 0
         assert zoo.load(run / "model", device="cpu").config["id"] == "tiny-sr"
         assert (tmp_path / "early/model.safetensors").is_file()
+        (run / "model/model.safetensors").unlink()  # as a GPU lease brings a run back
+        assert main(["export", task, str(run), "--data", str(tiny_data),
+                     "--out", str(tmp_path / "back")]) == 0
+        assert (tmp_path / "back/model.safetensors").is_file()
         (run / "best.pt").unlink()  # nothing to export: the error, not a traceback
         shutil.rmtree(run / "model")
         assert main(["export", task, str(run), "--data", str(tiny_data)]) == 2

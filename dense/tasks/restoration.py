@@ -1201,7 +1201,11 @@ def _export(args: argparse.Namespace) -> int:
         print(f"error: {args.run_dir} is a '{config.get('task')}' run; use "
               f"`dense export {config.get('task')}`", file=sys.stderr)
         return 2
-    if not (args.run_dir / "model").is_dir():
+    from dense.zoo import WEIGHTS_FILE
+
+    # No weights in model/: a run stopped early, or one brought back from a GPU lease without
+    # its .safetensors (scripts/gpu_session.sh sends best.pt instead).
+    if not (args.run_dir / "model" / WEIGHTS_FILE).is_file():
         if not (args.run_dir / "best.pt").is_file():  # (a GAN run keeps no best.pt)
             print(f"error: {args.run_dir} has no model/ folder yet (is training finished?)",
                   file=sys.stderr)
