@@ -36,6 +36,11 @@ CONVERTERS: dict[str, str] = {
     "waifu2x-photo-x2-denoise1": "dense.ports.convert_sr:convert_waifu2x",
     "waifu2x-photo-x2-denoise2": "dense.ports.convert_sr:convert_waifu2x",
     "waifu2x-photo-x2-denoise3": "dense.ports.convert_sr:convert_waifu2x",
+    # from ../shared/upstream (issue 19)
+    "mosaic-ade31": "dense.ports.convert_mosaic:convert_mosaic",
+    "espnetv2-voc": "dense.ports.convert_espnetv2:convert_espnetv2",
+    "espnetv2-cityscapes": "dense.ports.convert_espnetv2:convert_espnetv2",
+    "everyday": "dense.ports.everyday:convert_everyday",
 }
 
 

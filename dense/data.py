@@ -35,3 +35,38 @@ def data_root_or_error(given: Path | str | None) -> Path | None:
         print("error: no data folder: pass --data or set DENSE_DATA", file=sys.stderr)
         return None
     return Path(root)
+
+
+# Source files of the ports taken from public repositories (../shared/upstream, see its README):
+# path under the upstream folder → sha256. `dense convert` reads them only after the check.
+UPSTREAM_SHA256 = {
+    "mosaic/mobile_segmenter_r4_quant_argmax_uint8.tflite":
+        "da8b3822a22fde45ecaf0ff32022287eff58b500096971b04f3c1b292da66a3c",
+    "espnetv2/espnetv2_s_2.0_pascal_384x384.pth":
+        "bc479586b0ba9254e02589020346931a14d99028ad6bac4817198be6d9e719a6",
+    "espnetv2/espnetv2_s_2.0_city_1024x512.pth":
+        "a72d59699801c7ce8e8b89a53af9097eaaa60dc12180ecde86fd700ba1222fe8",
+}
+
+
+def upstream_root() -> Path:
+    """``DENSE_UPSTREAM``, else ``../shared/upstream`` beside the repository."""
+    env = os.environ.get("DENSE_UPSTREAM")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "upstream"
+
+
+def upstream_file(relative: str) -> Path:
+    """The verified path of an upstream source file, or an error naming the missing file."""
+    import hashlib
+
+    path = upstream_root() / relative
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: `dense convert` rebuilds this model from '{relative}' in the "
+            f"upstream folder (set DENSE_UPSTREAM, default ../shared/upstream)")
+    expected = UPSTREAM_SHA256[relative]
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    if actual != expected:
+        raise ValueError(f"{path}: sha256 {actual[:12]}… is not the pinned {expected[:12]}…; "
+                         "refusing to convert a file that is not the published one")
+    return path

@@ -46,6 +46,10 @@ ARCHITECTURES: dict[str, str] = {
     "rrdbnet": "dense.ports.rrdbnet:RRDBNet",
     "srvgg": "dense.ports.srvgg:SRVGGNetCompact",
     "waifu2x_upconv7": "dense.ports.waifu2x:UpConv7",
+    # segmentation of everyday photos (issue 19)
+    "mosaic": "dense.ports.mosaic:MosaicSegmenter",
+    "espnetv2_seg": "dense.ports.espnetv2:ESPNetv2Segmenter",
+    "everyday": "dense.ports.everyday:Everyday",
 }
 
 HUB_ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")

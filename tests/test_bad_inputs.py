@@ -116,11 +116,13 @@ def _decode(path: str) -> list[np.ndarray]:
     return [common.decode(path).rgb]
 
 
-def _segment(path: str) -> list[np.ndarray]:
-    state, overlay, _annotated, legend, mask_path, overlay_path = segment.segment(
-        path, "selfie-seg", 0.5)
-    assert "share of image" in legend and Path(overlay_path).is_file()
-    return [overlay, state.segmentation.labels, read_image(mask_path).rgb]
+def _segment(model_id: str) -> Callable[[str], list[np.ndarray]]:
+    def run(path: str) -> list[np.ndarray]:
+        state, overlay, _annotated, legend, mask_path, overlay_path = segment.segment(
+            path, model_id, 0.5)
+        assert "share of image" in legend and Path(overlay_path).is_file()
+        return [overlay, state.segmentation.labels, read_image(mask_path).rgb]
+    return run
 
 
 def _pose(path: str) -> list[np.ndarray]:
@@ -163,7 +165,10 @@ def _even(n: int) -> int:
 
 TABS: dict[str, Tab] = {
     "decode": Tab(_decode, lambda h, w: (h, w)),
-    "segment": Tab(_segment, lambda h, w: (h, w)),
+    "segment": Tab(_segment("selfie-seg"), lambda h, w: (h, w)),
+    # The ports of issue 19, each at its own working size, scores mapped back to the photo.
+    **{f"segment-{m}": Tab(_segment(m), lambda h, w: (h, w))
+       for m in ("everyday", "mosaic-ade31", "espnetv2-voc", "espnetv2-cityscapes")},
     "pose": Tab(_pose, lambda h, w: (h, w)),
     "restore": Tab(_restore(False), lambda h, w: (2 * h, 2 * w)),
     # SSIM's 11×11 window after a border of 2: 15 pixels.

@@ -139,3 +139,60 @@ def test_predict_cli_writes_masks_and_overlays_and_reports_bad_files(tmp_path) -
     mask = Image.open(out / "astronaut_mask.png")
     assert mask.mode == "P" and mask.size == (512, 512)
     assert Image.open(out / "astronaut_overlay.png").size == (512, 512)
+
+
+def test_working_size_keeps_fixed_sizes_and_shrinks_large_photos_to_the_trained_area() -> None:
+    assert seg.working_size({"input": {"size": [512, 512]}}, 3000, 4000) == (512, 512)
+    camvid = {"input": {"trained_size": [360, 480]}}
+    assert seg.working_size(camvid, 3000, 4000) == (360, 480)
+    assert seg.working_size(camvid, 4000, 3000) == (480, 360)
+    assert seg.working_size(camvid, 200, 300) == (200, 300)  # small photos are not enlarged
+    assert seg.working_size({}, 3000, 4000) == (3000, 4000)
+    assert seg.label_size(3000, 4000) == (1224, 1632)
+    assert seg.label_size(600, 800) == (600, 800)
+
+
+def test_a_phone_sized_photo_is_previewed_small_and_downloaded_at_full_size(tmp_path) -> None:
+    import cv2
+
+    photo = tmp_path / "phone.jpg"
+    big = cv2.resize(cv2.imread("examples/astronaut.png"), (4000, 3000))
+    cv2.imwrite(str(photo), big, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    result, overlay, _annotated, legend, mask_path, overlay_path = tab.segment(
+        str(photo), "selfie-seg", 0.5)
+    assert result.segmentation.labels.shape == (3000, 4000)
+    assert overlay.shape[0] * overlay.shape[1] <= tab.PREVIEW_MAX_PIXELS
+    assert abs(overlay.shape[1] / overlay.shape[0] - 4 / 3) < 0.01
+    assert Image.open(mask_path).size == (4000, 3000)
+    assert Image.open(overlay_path).size == (4000, 3000)
+    # The full-size labels are the preview's labels scaled up: the same classes, same shares.
+    small = {e["class"]: e["share"] for e in seg.legend(tab.preview(result).segmentation)}
+    full = {e["class"]: e["share"] for e in seg.legend(result.segmentation)}
+    assert small.keys() == full.keys()
+    assert all(abs(small[k] - full[k]) < 0.01 for k in full)
+
+
+def test_upsampled_decoding_equals_the_argmax_of_bilinear_scores() -> None:
+    import torch.nn.functional as F
+
+    scores = torch.randn(7, 20, 30)
+    labels, probs = seg._decode_upsampled(scores, (45, 61), one_class=False,
+                                          are_probabilities=False)
+    up = F.interpolate(scores.log_softmax(0)[None], size=(45, 61), mode="bilinear",
+                       align_corners=False)[0]
+    assert np.array_equal(labels, up.argmax(0).numpy())
+    assert np.allclose(probs, up.max(0).values.exp().numpy(), atol=1e-6)
+
+
+def test_overlay_blends_like_float_arithmetic_and_leaves_background_clear() -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, (16, 24), dtype=np.uint8)
+    colours = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0]], np.uint8)
+    s = seg.Segmentation(labels, np.ones((16, 24), np.float32), ["background", "a", "b"],
+                         colours)
+    out = seg.overlay(rgb, s, 0.3)
+    expected = rgb * 0.7 + colours[labels] * 0.3
+    drawn = labels > 0
+    assert np.abs(out[drawn].astype(float) - expected[drawn]).max() <= 0.51 + 1e-9
+    assert np.array_equal(out[labels == 0], rgb[labels == 0])

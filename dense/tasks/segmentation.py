@@ -145,34 +145,90 @@ class Segmentation:
     colours: np.ndarray  # T×3 uint8
 
 
+# Scores are upsampled bilinearly (then argmax) to at most this many pixels; a larger photo's
+# label map is that map scaled by nearest neighbour. Bilinear upsampling of 46 class maps to a
+# 12-megapixel phone photo takes seconds and gigabytes, for edges finer than any model here
+# resolves: they see the photo at 0.1-0.5 megapixels.
+LABEL_MAX_PIXELS = 2_000_000
+
+
+def working_size(config: dict, height: int, width: int) -> tuple[int, int]:
+    """The size a photo is resized to before the model sees it.
+
+    Fixed-size models (``input.size``: the ports) get exactly their size. Models that take any
+    size but were trained at one (``input.trained_size``: our U-Nets) get the photo scaled, aspect
+    kept, to at most the trained size's pixel count: a 12 MP photo to 360×480 for unet-camvid,
+    where it runs in 0.1 s instead of 88 s, at the scale of detail it learnt. Smaller photos
+    keep their size.
+    """
+    inputs = config.get("input", {})
+    if inputs.get("size"):
+        return tuple(inputs["size"])
+    trained = inputs.get("trained_size")
+    if trained and height * width > trained[0] * trained[1]:
+        scale = (trained[0] * trained[1] / (height * width)) ** 0.5
+        return max(1, round(height * scale)), max(1, round(width * scale))
+    return height, width
+
+
+def label_size(height: int, width: int, max_pixels: int = LABEL_MAX_PIXELS) -> tuple[int, int]:
+    """The size scores are upsampled to (the photo's, or less for photos above ``max_pixels``)."""
+    if height * width <= max_pixels:
+        return height, width
+    scale = (max_pixels / (height * width)) ** 0.5
+    return max(1, int(height * scale)), max(1, int(width * scale))
+
+
 def predict(model: nn.Module, rgb: np.ndarray) -> Segmentation:
-    """Segment one H×W×3 uint8 image at its own resolution (models resize as they need)."""
+    """Segment one H×W×3 uint8 image; labels and probabilities come back at H×W.
+
+    The model sees the photo at :func:`working_size`; its scores are upsampled bilinearly to
+    the photo (at most :data:`LABEL_MAX_PIXELS`, then nearest neighbour) before the argmax.
+    """
     config = model.config
     device = model_device(model)
     height, width = rgb.shape[:2]
-    size = config.get("input", {}).get("size")  # fixed-size models (selfie-seg) get resized
+    size = working_size(config, height, width)
+    if size != (height, width):  # OpenCV's area filter on uint8: antialiased and fast at 12 MP
+        rgb = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255
-    if size:
-        x = F.interpolate(x, size=tuple(size), mode="area")
     with inference(device):
         out = model(x.to(device)).float()
         flip = bool(config.get("test_time_flip")) and out.shape[1] > 1
         if flip:  # average the class probabilities with the mirrored view's: 2× the time
             out = (out.softmax(1) + model(x.flip(-1).to(device)).float().softmax(1).flip(-1)) / 2
-    out = out.cpu()
-    if out.shape[-2:] != (height, width):
-        out = F.interpolate(out, size=(height, width), mode="bilinear", align_corners=False)
-    out = out[0]
+    out = out.cpu()[0]
     if out.shape[0] == 1:  # one-class models (selfie-seg) give a probability unless told
         logits = config.get("output", "probability") != "probability"
-        person = out[0].sigmoid() if logits else out[0]
-        labels = (person > 0.5).to(torch.uint8)
-        probs = torch.where(labels.bool(), person, 1 - person)
-    else:
-        probs, labels = (out if flip else out.softmax(0)).max(0)
-        labels = labels.to(torch.uint8)
-    return Segmentation(labels.numpy(), probs.numpy().astype(np.float32),
-                        list(config["labels"]), class_colours(config))
+        out = out.sigmoid() if logits else out
+    mid = label_size(height, width)
+    labels, probs = _decode_upsampled(out, mid, one_class=out.shape[0] == 1,
+                                      are_probabilities=flip)
+    if mid != (height, width):
+        labels = cv2.resize(labels, (width, height), interpolation=cv2.INTER_NEAREST)
+        probs = cv2.resize(probs, (width, height), interpolation=cv2.INTER_NEAREST)
+    return Segmentation(labels, probs, list(config["labels"]), class_colours(config))
+
+
+def _decode_upsampled(scores: torch.Tensor, size: tuple[int, int], one_class: bool,
+                      are_probabilities: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (uint8) and the chosen class's probability (float32) at ``size``, from C×h×w
+    scores: logits, probabilities when ``are_probabilities``, a person probability for
+    one-class models. Logits are upsampled as log-probabilities, so one exp gives the
+    probability; channels-last, where torch's bilinear kernel and the max over classes ran
+    1.2× and 1.8× faster (46 classes to 2 MP: 0.49 s, measured on the 2-core Zen 4)."""
+    if not one_class and not are_probabilities:
+        scores = scores.log_softmax(0)
+    if tuple(scores.shape[-2:]) != tuple(size):
+        scores = F.interpolate(scores[None].contiguous(memory_format=torch.channels_last),
+                               size=size, mode="bilinear", align_corners=False)[0]
+    if one_class:
+        person = scores[0]
+        chosen = person > 0.5
+        return chosen.to(torch.uint8).numpy(), torch.where(chosen, person, 1 - person).numpy()
+    best, index = scores.max(0)
+    probs = best if are_probabilities else best.exp()
+    return index.to(torch.uint8).numpy(), probs.numpy().astype(np.float32, copy=False)
 
 
 def class_colours(config: dict) -> np.ndarray:
@@ -192,24 +248,28 @@ def overlay(rgb: np.ndarray, seg: Segmentation, opacity: float = 0.5,
             alpha: np.ndarray | None = None) -> np.ndarray:
     """Blend the class colours over the photo; background (a "background" class) stays clear.
 
-    With an ``alpha`` channel the result is RGBA and keeps the photo's transparency.
+    With an ``alpha`` channel the result is RGBA and keeps the photo's transparency. OpenCV's
+    table lookup and weighted sum on uint8 rather than float arithmetic in NumPy: 0.1 s instead
+    of 2.1 s for a 12-megapixel photo (2-core Zen 4).
     """
-    colour = seg.colours[seg.labels]
-    weight = np.full(seg.labels.shape, opacity, np.float32)
+    table = np.zeros((256, 1, 3), np.uint8)
+    table[: len(seg.colours), 0] = seg.colours
+    colour = cv2.LUT(cv2.merge([seg.labels] * 3), table)
+    out = cv2.addWeighted(np.ascontiguousarray(rgb), 1.0 - opacity, colour, opacity, 0.0)
     if seg.class_names and seg.class_names[0] == "background":
-        weight[seg.labels == 0] = 0
-    out = rgb.astype(np.float32) * (1 - weight[..., None]) + colour * weight[..., None]
-    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+        np.copyto(out, rgb, where=(seg.labels == 0)[..., None])
     return np.dstack([out, alpha]) if alpha is not None else out
 
 
 def legend(seg: Segmentation) -> list[dict]:
     """Classes present, largest first: name, colour (hex) and share of the image."""
-    counts = np.bincount(seg.labels.ravel(), minlength=len(seg.class_names))
+    # OpenCV's histogram: 10 ms on 12 megapixels where np.bincount's int64 cast takes 200 ms.
+    counts = cv2.calcHist([seg.labels], [0], None, [256], [0, 256]).ravel()
+    counts = counts[: len(seg.class_names)].astype(np.int64)
     total = max(counts.sum(), 1)
     return [{"class": seg.class_names[i], "colour": "#{:02x}{:02x}{:02x}".format(*seg.colours[i]),
              "share": float(counts[i] / total)}
-            for i in np.argsort(-counts) if counts[i] > 0]
+            for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
 
 
 def palette_png(seg: Segmentation) -> bytes:
@@ -361,7 +421,8 @@ def _predict(args: argparse.Namespace) -> int:
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("seg", help="masks (palette PNG) and overlays for images")
     p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--model", default="unet-camvid", help="a segmentation model id")
+    p.add_argument("--model", default="everyday",
+                   help="a segmentation model id (default everyday: scenes and objects)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--opacity", type=float, default=0.5)
     p.add_argument("--legend", action="store_true", help="print each image's class shares")

@@ -64,8 +64,8 @@ def get_model(name: str) -> nn.Module:
 # Loaded in the background when the app starts, so that the first webcam frames and the first
 # segmentation do not wait for a load (on CPU the served models are also exported to ONNX once
 # per machine: ~2 s for each MediaPipe graph, ~9 s for unet-camvid).
-WARM_MODELS = ("blazepose-detector", "blazepose-lite", "blazepose-full", "selfie-seg",
-               "unet-camvid")
+WARM_MODELS = ("blazepose-detector", "blazepose-lite", "blazepose-full", "everyday",
+               "selfie-seg", "unet-camvid")
 
 
 def warm_up(names: tuple[str, ...] = WARM_MODELS) -> None:

@@ -9,13 +9,28 @@ import html
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import gradio as gr
 import numpy as np
 
 from dense.tasks import segmentation as seg
 from dense.ui import common
 
-PREFERRED = ("unet-camvid", "selfie-seg")
+# What each bundled model is for, in the words the dropdown shows (other models show their id).
+PURPOSES = {
+    "everyday": "everyday photos: rooms, people, pets, streets (46 classes)",
+    "mosaic-ade31": "scenes: walls, floors, furniture, sky (ADE20K, 32 classes)",
+    "espnetv2-voc": "objects: people, animals, vehicles (Pascal VOC, 21 classes)",
+    "espnetv2-cityscapes": "driving scenes (Cityscapes classes)",
+    "unet-camvid": "street scenes from CamVid (our U-Net, 11 classes)",
+    "selfie-seg": "person (MediaPipe selfie segmenter)",
+    "selfie-seg-landscape": "person, landscape frames (MediaPipe)",
+}
+PREFERRED = ("everyday", "mosaic-ade31", "espnetv2-voc", "espnetv2-cityscapes", "unet-camvid",
+             "selfie-seg")
+# The overlay shown in the page is at most this many pixels (a 12 MP phone photo is shown at
+# 1.4 MP); the downloads keep the photo's own size.
+PREVIEW_MAX_PIXELS = 1_500_000
 
 
 @dataclass
@@ -33,6 +48,11 @@ def segment_models() -> list[str]:
     def rank(m: str) -> tuple[int, str]:
         return (PREFERRED.index(m) if m in PREFERRED else len(PREFERRED), m)
     return sorted(found, key=rank)
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """(label, id) pairs for the dropdown: each model with what it is for."""
+    return [(f"{m} — {PURPOSES[m]}" if m in PURPOSES else m, m) for m in segment_models()]
 
 
 def run(image: Any, model_id: str) -> Result:
@@ -62,15 +82,35 @@ def colour_map(result: Result) -> dict[str, str]:
     return {e["class"]: e["colour"] for e in seg.legend(result.segmentation)}
 
 
+def preview(result: Result) -> Result:
+    """The result scaled down to at most PREVIEW_MAX_PIXELS for the page (itself if smaller)."""
+    height, width = result.rgb.shape[:2]
+    h, w = seg.label_size(height, width, PREVIEW_MAX_PIXELS)
+    if (h, w) == (height, width):
+        return result
+    s = result.segmentation
+    def small(a: np.ndarray, how: int) -> np.ndarray:
+        return cv2.resize(a, (w, h), interpolation=how)
+    segmentation = seg.Segmentation(small(s.labels, cv2.INTER_NEAREST),
+                                    small(s.probabilities, cv2.INTER_NEAREST), s.class_names,
+                                    s.colours)
+    alpha = None if result.alpha is None else small(result.alpha, cv2.INTER_AREA)
+    return Result(small(result.rgb, cv2.INTER_AREA), alpha, segmentation, result.model_id)
+
+
 def render(result: Result | None, opacity: float) -> tuple:
-    """Overlay, annotated image, legend and download files for a stored result."""
+    """Overlay and annotated image (a preview for large photos), legend, and the download files
+    at the photo's full size."""
     if result is None:
         return None, None, "", None, None
-    over = seg.overlay(result.rgb, result.segmentation, opacity, result.alpha)
+    view = preview(result)
+    over = seg.overlay(view.rgb, view.segmentation, opacity, view.alpha)
     mask_path = common.output_path(f"{result.model_id}-mask")
     mask_path.write_bytes(seg.palette_png(result.segmentation))
-    overlay_path = common.save_output(over, f"{result.model_id}-overlay")
-    annotated = gr.AnnotatedImage(value=annotations(result), color_map=colour_map(result))
+    full = over if view is result else seg.overlay(result.rgb, result.segmentation, opacity,
+                                                    result.alpha)
+    overlay_path = common.save_output(full, f"{result.model_id}-overlay")
+    annotated = gr.AnnotatedImage(value=annotations(view), color_map=colour_map(result))
     return over, annotated, legend_html(result), str(mask_path), overlay_path
 
 
@@ -82,18 +122,23 @@ def segment(image: Any, model_id: str, opacity: float) -> tuple:
 
 
 def build() -> None:
-    models = segment_models()
+    choices = model_choices()
     gr.Markdown(
-        "Pick a photo and a model. **Street scene** (`unet-camvid`, 11 classes) is our U-Net "
-        "with an ImageNet-pretrained EfficientNet-Lite0 encoder trained on CamVid; **person** "
-        "(`selfie-seg`) is MediaPipe's selfie segmenter. Hover a class in the right-hand view to "
-        "highlight it."
+        "Pick a photo and a model. **everyday** combines two pretrained networks: MOSAIC "
+        "(ADE20K: walls, floors, furniture, people, sky, roads) for the scene and ESPNetv2 "
+        "(Pascal VOC: people, cats, dogs, vehicles, bottles, TVs) for the objects painted over "
+        "it. **Street scenes** (`unet-camvid`) is our U-Net with an ImageNet-pretrained "
+        "EfficientNet-Lite0 encoder trained on CamVid; **person** (`selfie-seg`) is MediaPipe's "
+        "selfie segmenter. Each model sees the photo at the size it works at and its scores are "
+        "scaled back to the photo; large photos are shown as a preview, and the downloads keep "
+        "their full size. Hover a class in the right-hand view to highlight it."
     )
     state = gr.State(None)
     with gr.Row():
         with gr.Column():
             image = common.photo_input(label="Photo", sources=["upload", "webcam", "clipboard"])
-            model = gr.Dropdown(models, value=models[0] if models else None, label="Model")
+            model = gr.Dropdown(choices, value=choices[0][1] if choices else None,
+                                label="Model")
             opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
             button = gr.Button("Segment", variant="primary")
             gr.Examples(common.example_photos(), inputs=image)
