@@ -13,7 +13,12 @@ in the order of the ``.param`` lines, each array read the way that layer's ``loa
 reads it. Convolution weights are read "tagged" (a 4-byte tag says fp16, int8, fp32 or a
 256-entry quantisation table follows); biases and PReLU slopes are read as raw fp32. So the
 reader must know, per layer type, which arrays it loads and how big they are. This module knows
-the layer types the super-resolution ports need and refuses any other layer that has weights.
+the layer types the ports need (super-resolution: Convolution, Deconvolution, PReLU; PP-TinyPose:
+grouped and depthwise Convolution) and refuses any other layer that has weights.
+
+Besides the arrays, :func:`conv_geometry` reads a convolution's kernel, stride, dilation,
+padding, groups and fused activation from its parameters, so a converter can check that the
+PyTorch layer it fills is the same operation, not just the same weight shape.
 
 We read with numpy only (no ncnn needed) and keep the stored precision: fp16 weights come back
 as ``float16`` arrays, raw ones as ``float32``, so a conversion is lossless.
@@ -35,9 +40,15 @@ TAG_FP32_SCALED = 0x0002C056  # fp32 data "with extra scaling"; the data itself 
 
 # Layer types that load nothing from the .bin.
 WEIGHTLESS = frozenset(
-    {"Input", "Split", "Concat", "Eltwise", "BinaryOp", "Interp", "PixelShuffle", "ReLU",
-     "Sigmoid", "Crop", "Padding", "Pooling", "Reshape", "Flatten", "Permute", "Clip", "Noop"}
+    {"Input", "Split", "Slice", "Concat", "Eltwise", "BinaryOp", "Interp", "PixelShuffle",
+     "ShuffleChannel", "ReLU", "Sigmoid", "HardSigmoid", "HardSwish", "Swish", "TanH", "Crop",
+     "Padding", "Pooling", "Reshape", "Flatten", "Permute", "Clip", "Softmax", "Noop"}
 )
+
+# The activations ncnn fuses into a convolution (parameter 9; parameter 10 holds their
+# arguments): 1 ReLU, 2 LeakyReLU(slope), 3 Clip(min, max), 4 Sigmoid, 5 Mish, 6 HardSwish.
+ACTIVATIONS = {0: None, 1: "relu", 2: "leaky_relu", 3: "clip", 4: "sigmoid", 5: "mish",
+               6: "hardswish"}
 
 ParamValue = int | float | list[int] | list[float]
 Weights = dict[str, dict[str, np.ndarray]]  # layer name -> {"weight": ..., "bias": ...}
@@ -130,24 +141,72 @@ def _align4(nbytes: int) -> int:
     return (nbytes + 3) // 4 * 4
 
 
-def _conv_arrays(layer: Layer, reader: _BinReader) -> dict[str, np.ndarray]:
-    """Convolution and Deconvolution: tagged weight, then an fp32 bias if ``bias_term``.
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What a Convolution / ConvolutionDepthWise / Deconvolution line computes, besides its
+    weights. ``padding`` is (left, right, top, bottom); ncnn's "SAME" codes (-233, -234) are
+    kept as they are, they depend on the input size."""
 
-    The weight is shaped ``(num_output, num_input, kernel_h, kernel_w)`` for both: ncnn's
-    converters already store a deconvolution's weight output-channel first.
-    """
-    num_output = int(layer.get(0))
+    out_channels: int
+    kernel: tuple[int, int]  # (height, width)
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    groups: int
+    bias: bool
+    activation: str | None
+    activation_params: tuple[float, ...]
+
+
+def conv_geometry(layer: Layer) -> ConvGeometry:
+    """Read a convolution's parameters (ncnn's ``load_param`` keys and defaults)."""
     kernel_w = int(layer.get(1))
-    kernel_h = int(layer.get(11, kernel_w))
+    dilation_w = int(layer.get(2, 1))
+    stride_w = int(layer.get(3, 1))
+    pad_left = int(layer.get(4))
+    pad_top = int(layer.get(14, pad_left))
+    activation = int(layer.get(9))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"layer {layer.name}: unknown fused activation type {activation}")
+    params = layer.get(10, [])
+    return ConvGeometry(
+        out_channels=int(layer.get(0)),
+        kernel=(int(layer.get(11, kernel_w)), kernel_w),
+        stride=(int(layer.get(13, stride_w)), stride_w),
+        dilation=(int(layer.get(12, dilation_w)), dilation_w),
+        padding=(pad_left, int(layer.get(15, pad_left)), pad_top, int(layer.get(16, pad_top))),
+        groups=int(layer.get(7, 1)) if layer.type.endswith("DepthWise") else 1,
+        bias=bool(int(layer.get(5))),
+        activation=ACTIVATIONS[activation],
+        activation_params=tuple(float(v) for v in params) if isinstance(params, list) else (),
+    )
+
+
+def _conv_arrays(layer: Layer, reader: _BinReader) -> dict[str, np.ndarray]:
+    """Convolution, ConvolutionDepthWise and Deconvolution: tagged weight, then an fp32 bias if
+    ``bias_term``.
+
+    The weight is shaped ``(num_output, num_input / groups, kernel_h, kernel_w)``, PyTorch's
+    Conv2d layout; for a deconvolution too, since ncnn's converters already store its weight
+    output-channel first. ``ConvolutionDepthWise`` is ncnn's name for any grouped convolution
+    (``7=group``); a plain ``Convolution`` has no groups.
+    """
+    if int(layer.get(8)):
+        raise ValueError(f"layer {layer.name}: int8 convolutions (8=int8_scale_term) are not "
+                         "supported")
+    geometry = conv_geometry(layer)
+    if layer.type == "Deconvolution" and geometry.groups != 1:
+        raise ValueError(f"layer {layer.name}: grouped deconvolutions are not supported")
+    num_output, groups = geometry.out_channels, geometry.groups
+    kernel_h, kernel_w = geometry.kernel
     size = int(layer.get(6))
-    groups = int(layer.get(7, 1))
-    if groups != 1 or layer.type.endswith("DepthWise"):
-        raise ValueError(f"layer {layer.name}: grouped convolutions are not supported")
-    num_input = size // (num_output * kernel_h * kernel_w)
-    if num_input * num_output * kernel_h * kernel_w != size:
-        raise ValueError(f"layer {layer.name}: weight_data_size {size} does not fit its shape")
-    arrays = {"weight": reader.tagged(size).reshape(num_output, num_input, kernel_h, kernel_w)}
-    if int(layer.get(5)):
+    per_group_input = size // (num_output * kernel_h * kernel_w)
+    if per_group_input * num_output * kernel_h * kernel_w != size or num_output % groups:
+        raise ValueError(f"layer {layer.name}: weight_data_size {size} does not fit "
+                         f"{num_output} outputs, {groups} groups, kernel {kernel_h}×{kernel_w}")
+    weight = reader.tagged(size).reshape(num_output, per_group_input, kernel_h, kernel_w)
+    arrays = {"weight": weight}
+    if geometry.bias:
         arrays["bias"] = reader.raw(num_output)
     return arrays
 
@@ -159,6 +218,7 @@ def _prelu_arrays(layer: Layer, reader: _BinReader) -> dict[str, np.ndarray]:
 
 _LOADERS = {
     "Convolution": _conv_arrays,
+    "ConvolutionDepthWise": _conv_arrays,
     "Deconvolution": _conv_arrays,
     "PReLU": _prelu_arrays,
 }
