@@ -20,7 +20,7 @@ TASK_MODULES = (
     "dense.tasks.classification",
     "dense.tasks.segmentation",
     "dense.tasks.restoration",
-    "dense.tasks.pose",
+    "dense.tasks.group_pose",
     "dense.tasks.keypoints",
     "dense.export",
 )

@@ -41,6 +41,12 @@ CONVERTERS: dict[str, str] = {
     "espnetv2-voc": "dense.ports.convert_espnetv2:convert_espnetv2",
     "espnetv2-cityscapes": "dense.ports.convert_espnetv2:convert_espnetv2",
     "everyday": "dense.ports.everyday:convert_everyday",
+    # pose for groups of people (issue 20)
+    "yolox-nano": "dense.ports.convert_yolox:convert_yolox",
+    "tinypose-256x192": "dense.ports.convert_tinypose:convert_tinypose",
+    "tinypose-128x96": "dense.ports.convert_tinypose:convert_tinypose",
+    "movenet-multipose": "dense.ports.convert_movenet:convert_movenet",
+    "movenet-lightning": "dense.ports.convert_movenet:convert_movenet",
 }
 
 

@@ -46,6 +46,23 @@ UPSTREAM_SHA256 = {
         "bc479586b0ba9254e02589020346931a14d99028ad6bac4817198be6d9e719a6",
     "espnetv2/espnetv2_s_2.0_city_1024x512.pth":
         "a72d59699801c7ce8e8b89a53af9097eaaa60dc12180ecde86fd700ba1222fe8",
+    "yolox/yolox_nano.onnx": "695e750a5d5754bb5a8d5325643b59282191a7e7a564e435a415fd3c578eab14",
+    "tinypose/tinypose_256x192.param":
+        "7e418f7ee6e8d4ab11b774cd879ddae22b5f91ea41e5142c2c652e04f3056e85",
+    "tinypose/tinypose_256x192.bin":
+        "70fad87fa3004edcae4d628bcb0c6be1ba8b0f93991097b42cf8da6fe8c1968b",
+    "tinypose/tinypose_128x96.param":
+        "0896706df94718082bc7d573cb1ebf3d28a13907e0ba194d264c23a96f4b84b6",
+    "tinypose/tinypose_128x96.bin":
+        "613843a30016d2e1fac23c2a00f2e719a03af5d0662277006ecb051bdcbf19be",
+    "movenet/movenet-multipose.json":
+        "3c76e18669efc50148b28d0be97db491dc055cb2be292d248ec129031c5aa5de",
+    "movenet/movenet-multipose.bin":
+        "19828492d4a69c2e08915916c70f4d22c421c3b59152dfa5601834fc54f54118",
+    "movenet/movenet-lightning.json":
+        "df8cbde44d00f533ccc4916a7c6ebc17316532fb3fadad114ec667fef22872e9",
+    "movenet/movenet-lightning.bin":
+        "bf97bc10d9c8a11200b0190ed64ce039b6252f1aff7cb552aca99b3d191c2f34",
 }
 
 

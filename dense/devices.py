@@ -102,9 +102,10 @@ def pick_device(name: str | torch.device | None = "auto") -> torch.device:
 
 def served_size(config: dict) -> tuple[int, int] | None:
     """The input size a served export is fixed to: the model's fixed input size (MediaPipe
-    graphs) or the size it was trained at (``input.trained_size``); None for neither."""
+    graphs), the size it is served at (``input.served_size``: MoveNet MultiPose, whose graph
+    is traced per size) or the size it was trained at (``input.trained_size``); None for none."""
     inputs = config.get("input", {})
-    size = inputs.get("size") or inputs.get("trained_size")
+    size = inputs.get("size") or inputs.get("served_size") or inputs.get("trained_size")
     return tuple(size) if size else None
 
 

@@ -42,6 +42,12 @@ def dynamic_export(config: dict) -> bool:
     return config.get("architecture") != "unet" and not config.get("input", {}).get("size")
 
 
+def single_image(config: dict) -> bool:
+    """Whether the export takes one image at a time (``input.export_batch: 1``): graphs ported
+    from TF.js (MoveNet) were written for one image, and their traced shapes fix the batch."""
+    return config.get("input", {}).get("export_batch") == 1
+
+
 def output_names(out: torch.Tensor | dict) -> list[str]:
     """The export's output names, in its order: a dict model's keys sorted, else ``output``."""
     return sorted(out) if isinstance(out, dict) else ["output"]
@@ -68,7 +74,8 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = Non
                 opset: int = 17) -> Path:
     """Write ``model`` (from ``dense.load``, on CPU) to ``path``; return the path.
 
-    The batch is always dynamic; height and width too unless :func:`export_size` fixes them.
+    The batch is dynamic (unless :func:`single_image`); height and width too unless
+    :func:`export_size` fixes them.
     """
     model = model.eval().cpu()
     x = example_input(model, size=size)
@@ -77,8 +84,9 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = Non
     names = output_names(out)
     keys = names if isinstance(out, dict) else None
     fixed = export_size(model, size) is not None
-    axes = {0: "batch"} if fixed else {0: "batch", 2: "height", 3: "width"}
-    dynamic = {"image": axes, **{n: {0: "batch"} for n in names}}
+    batch = {} if single_image(model.config) else {0: "batch"}
+    axes = batch if fixed else {**batch, 2: "height", 3: "width"}
+    dynamic = {"image": axes, **{n: dict(batch) for n in names}}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The wrapper must be in eval mode too: the exporter puts the module it is given back in
@@ -108,7 +116,7 @@ def check_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = None
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = example_input(model, batch=2, size=size)
+    x = example_input(model, batch=1 if single_image(model.config) else 2, size=size)
     with torch.inference_mode():
         diff = relative_difference(session.run(None, {"image": x.numpy()}), model.cpu()(x))
     if diff > tolerance:
@@ -263,12 +271,19 @@ def serve_export(model: nn.Module, runtime: str = "onnxruntime") -> nn.Module:
         raise RuntimeError(f"{runtime} on {path.name} differs from PyTorch by {diff:.2e}")
     names = output_names(out)
     eager = model.forward
+    single = single_image(model.config)
 
     def forward(x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         if (size and tuple(x.shape[-2:]) != size) or x.device.type != "cpu" or (
                 torch.is_grad_enabled() and x.requires_grad):
             return eager(x)
-        tensors = [torch.from_numpy(o) for o in run(x.detach().float().contiguous().numpy())]
+        images = x.detach().float().contiguous().numpy()
+        if single and images.shape[0] > 1:  # a one-image export, run image by image
+            parts = [run(images[i:i + 1]) for i in range(images.shape[0])]
+            outs = [np.concatenate(o) for o in zip(*parts, strict=True)]
+        else:
+            outs = run(images)
+        tensors = [torch.from_numpy(o) for o in outs]
         return tensors[0] if names == ["output"] else dict(zip(names, tensors, strict=True))
 
     model.forward = forward

@@ -50,6 +50,11 @@ ARCHITECTURES: dict[str, str] = {
     "mosaic": "dense.ports.mosaic:MosaicSegmenter",
     "espnetv2_seg": "dense.ports.espnetv2:ESPNetv2Segmenter",
     "everyday": "dense.ports.everyday:Everyday",
+    # pose for groups of people (issue 20)
+    "yolox": "dense.ports.yolox:YOLOX",
+    "tinypose": "dense.ports.tinypose:TinyPose",
+    "movenet_multipose": "dense.ports.movenet:MoveNetMultiPose",
+    "movenet_singlepose": "dense.ports.movenet:MoveNetSinglePose",
 }
 
 HUB_ID = re.compile(r"^(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")

@@ -233,11 +233,12 @@ def convert_movenet(out_dir: Path, scratch: Path) -> Path:
         results = compare(model_id, model)
     recorded = recorded_outputs()
     if model_id == "movenet-multipose":
-        # Any size with sides multiple of 32; trained_size names the reference's 256 (the
-        # size a fixed-size export or a CUDA graph is made for: the graph's shape arithmetic
-        # is folded per size, so an export covers one size).
+        # Any size with sides multiple of 32, the long side at 256 as the reference runs it.
+        # served_size is what a fixed-size export or a CUDA graph is made for (the graph's
+        # shape arithmetic is folded per size, so an export covers one size): a 4:3 landscape
+        # frame, as webcams give (640×480 → 256×192).
         inputs = {"layout": "NCHW", "channels": "RGB", "range": [0, 1], "size_multiple": 32,
-                  "long_side": 256, "trained_size": [256, 256]}
+                  "long_side": 256, "served_size": [192, 256]}
     else:
         inputs = {"layout": "NCHW", "channels": "RGB", "range": [0, 1], "size": [192, 192]}
     # The graph is for one image: the module loops over a batch, so a traced export has the

@@ -390,9 +390,18 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from dense.tasks import group_pose
     from dense.zoo import load, read_config, resolve
 
     coco, people = read_coco(args.coco)
+    if args.model in group_pose.PIPELINES:  # a whole pipeline: its own detector
+        pipeline = group_pose.load_pipeline(args.model, lambda n: load(n, device=args.device))
+        metrics = oks_ap(coco, group_pose.coco_results(pipeline, coco, args.images))
+        for name, value in metrics.items():
+            print(f"{name:10} {value:.4f}")
+        print(json.dumps({"model": args.model, "people": len(people), "boxes": "own detector",
+                          **metrics}))
+        return 0
     config = read_config(resolve(args.model), args.model)
     if config["task"] == "keypoints":
         model = load(args.model, device=args.device)
@@ -420,8 +429,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("pose", help="OKS AP on COCO keypoint annotations")
     p.add_argument("--model", required=True,
-                   help="a keypoint U-Net (scored on the ground-truth boxes) or "
-                        "blazepose-lite/full (its own detector)")
+                   help="a keypoint model (scored on the ground-truth boxes: our U-Nets, "
+                        "tinypose-256x192) or a pipeline with its own detector "
+                        "(yolox-tinypose, movenet-multipose, blazepose-full, ...)")
     p.add_argument("--coco", type=Path, required=True, help="COCO keypoint annotations (json)")
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--device", default="auto")

@@ -13,14 +13,10 @@ app and the CLI need around it:
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -406,49 +402,3 @@ class PoseTracker:
             out.append(replace(pose, landmarks=landmarks.astype(np.float32),
                                bbox=body_extent(landmarks)))
         return out
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: dense predict pose
-
-
-def _predict(args: argparse.Namespace) -> int:
-    from dense.images import ImageError, read_image
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    estimator = PoseEstimator.load(args.model, device=args.device)
-    layout = layout_for(args.coco17)
-    args.out.mkdir(parents=True, exist_ok=True)
-    status = 0
-    for path in args.images:
-        try:
-            rgb = read_image(path).rgb
-        except (ImageError, OSError) as err:
-            print(f"error: {path}: {err}", file=sys.stderr)
-            status = 1
-            continue
-        poses = estimator.estimate(rgb, args.max_people)
-        result = to_json(poses, layout, rgb.shape, Path(path).name, args.model)
-        json_path = args.out / f"{Path(path).stem}.json"
-        json_path.write_text(json.dumps(result, indent=1))
-        drawn = draw_poses(rgb, [keypoints(p, layout) for p in poses], layout, args.threshold)
-        png_path = args.out / f"{Path(path).stem}_pose.png"
-        cv2.imwrite(str(png_path), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-        print(f"{path}: {len(poses)} people -> {json_path}, {png_path}")
-    return status
-
-
-def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("pose", help="body keypoints (BlazePose): JSON + drawn skeleton")
-    p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--model", default="blazepose-full", choices=LANDMARK_MODELS)
-    p.add_argument("--max-people", type=int, default=4)
-    p.add_argument("--coco17", action="store_true",
-                   help="COCO's 17 keypoints instead of BlazePose's 33")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="joints below this visibility are not drawn (JSON keeps all)")
-    p.add_argument("--out", type=Path, default=Path("pose-out"))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.set_defaults(func=_predict)

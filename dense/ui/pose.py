@@ -1,8 +1,10 @@
-"""The Pose tab: BlazePose on a photo (skeleton, JSON, confidence maps) and on a live webcam.
+"""The Pose tab: people in a photo (skeletons, JSON, confidence maps) and on a live webcam.
 
-The models run once per photo; the threshold, keypoint set and joint controls only redraw the
-stored poses. The webcam stream tracks people between frames as MediaPipe does (the detector
-runs only when tracking is lost), with its tracker kept per browser session in gr.State.
+Photos default to the group pipeline (YOLOX-nano person boxes → PP-TinyPose per person), the
+webcam to MoveNet MultiPose with track ids; BlazePose stays for its 33 keypoints on one person
+(``dense.tasks.group_pose`` has the pipelines). The models run once per photo; the threshold,
+keypoint set and joint controls only redraw the stored result. Each browser session's stream
+keeps its tracker in gr.State.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ import gradio as gr
 import numpy as np
 
 from dense.ports.blazepose import Pose
+from dense.tasks import group_pose as gp
 from dense.tasks import pose as pt
 from dense.ui import common
 
 ALL_JOINTS = "all (max over joints)"
 PREFERRED = ("blazepose-full", "blazepose-lite")
-LIVE_PREFERRED = "blazepose-lite"
+PHOTO_PIPELINES = ("yolox-tinypose", "yolox-tinypose-128x96", "movenet-multipose",
+                   "movenet-lightning", "blazepose-full", "blazepose-lite")
+LIVE_PIPELINES = ("movenet-multipose", "blazepose-lite", "blazepose-full", "movenet-lightning")
+LIVE_PREFERRED = gp.DEFAULT_LIVE
+MAX_PEOPLE_DEFAULT = 20
 # The browser captures a frame every STREAM_EVERY seconds unless the last one is still being
 # processed, so the real rate is set by the round trip; a short period only trims the wait
 # between a reply and the next capture.
@@ -41,6 +48,28 @@ def estimator_for(model_id: str) -> pt.PoseEstimator:
     return pt.PoseEstimator(common.get_model(model_id), common.get_model(pt.DETECTOR))
 
 
+def available(pipelines: tuple[str, ...]) -> list[str]:
+    """The pipelines whose models are all in the zoo (a pipeline never offered half-built)."""
+    have = set(common.models_for("keypoints")) | set(common.models_for("pose-landmarks")) \
+        | set(common.models_for("detection"))
+    def complete(p: str) -> bool:
+        if p in gp.KEYPOINT_MODELS:
+            return {gp.DETECTOR, gp.KEYPOINT_MODELS[p]} <= have
+        return p in have
+    return [p for p in pipelines if complete(p)]
+
+
+def pipeline_choices(pipelines: list[str]) -> list[tuple[str, str]]:
+    return [(f"{p} — {gp.PIPELINES[p]}", p) for p in pipelines]
+
+
+def pipeline_for(pipeline_id: str) -> gp.Pipeline:
+    """A pipeline of the app's shared model instances; BlazePose through ``estimator_for``."""
+    if pipeline_id in pt.LANDMARK_MODELS:
+        return gp.BlazePose(estimator_for(pipeline_id))
+    return gp.load_pipeline(pipeline_id, common.get_model)
+
+
 # ---------------------------------------------------------------------------------------------
 # Photo
 
@@ -50,26 +79,51 @@ class PhotoResult:
     """What the tab keeps between events (gr.State): the photo and the raw poses."""
 
     rgb: np.ndarray
-    poses: list[Pose]
+    poses: list[Pose]  # BlazePose's own poses (33 landmarks); empty for the other pipelines
     model_id: str
     name: str | None = None
+    people: list[gp.Person] | None = None  # COCO-17 people, every pipeline
 
 
 def run_photo(image: Any, model_id: str, max_people: int) -> PhotoResult:
     """Decode the photo and run the models: the only step that costs model time."""
     decoded = common.decode(image)
-    poses = estimator_for(model_id).estimate(decoded.rgb, int(max_people))
     name = image if isinstance(image, str) else None
-    return PhotoResult(decoded.rgb, poses, model_id, name)
+    if model_id in pt.LANDMARK_MODELS:
+        poses = estimator_for(model_id).estimate(decoded.rgb, int(max_people))
+        return PhotoResult(decoded.rgb, poses, model_id, name, gp.from_blazepose(poses))
+    people = pipeline_for(model_id).estimate(decoded.rgb, int(max_people))
+    return PhotoResult(decoded.rgb, [], model_id, name, people)
 
 
-def joint_choices(coco17: bool) -> list[str]:
-    return [ALL_JOINTS, *pt.layout_for(coco17).names]
+def _blazepose33(result: PhotoResult, coco17: bool) -> bool:
+    """Whether to draw BlazePose's own 33 landmarks (else the COCO-17 people)."""
+    return result.model_id in pt.LANDMARK_MODELS and not coco17
+
+
+def joint_choices(coco17: bool, model_id: str | None = None) -> list[str]:
+    """The joints whose confidence maps can be shown: BlazePose's 33 (or COCO's 17), and COCO's
+    17 for the other pipelines."""
+    blazepose = model_id is None or model_id in pt.LANDMARK_MODELS
+    return [ALL_JOINTS, *pt.layout_for(coco17 or not blazepose).names]
+
+
+def switch_model(model_id: str, coco17: bool, joint: str) -> gr.Dropdown:
+    """Another pipeline: offer its joints (keeping the choice where it exists)."""
+    choices = joint_choices(coco17, model_id)
+    return gr.Dropdown(choices=choices, value=joint if joint in choices else ALL_JOINTS)
 
 
 def summary(result: PhotoResult, threshold: float) -> str:
-    if not result.poses:
+    people = result.people or []
+    if not people:
         return "No person found. Try another photo, or one where the whole upper body shows."
+    if result.model_id not in pt.LANDMARK_MODELS:
+        rows = "\n".join(
+            f"| {i + 1} | {p.score:.3f} | {int((p.keypoints[:, 2] >= threshold).sum())} / 17 |"
+            for i, p in enumerate(people))
+        return (f"{len(people)} people ({result.model_id}).\n\n"
+                "| person | score | keypoints shown |\n|---|---|---|\n" + rows)
     rows = "\n".join(
         f"| {i + 1} | {p.score:.3f} | {int((p.landmarks[:pt.NUM_BODY, 3] >= threshold).sum())} "
         f"/ {pt.NUM_BODY} |" for i, p in enumerate(result.poses))
@@ -80,12 +134,16 @@ def render_photo(result: PhotoResult | None, coco17: bool, threshold: float) -> 
     """Skeleton image, JSON file and summary for stored poses (no model call)."""
     if result is None:
         return None, None, ""
-    layout = pt.layout_for(coco17)
-    people = [pt.keypoints(p, layout) for p in result.poses]
-    drawn = pt.draw_poses(result.rgb, people, layout, threshold)
-    document = pt.to_json(result.poses, layout, result.rgb.shape,
-                          None if result.name is None else str(result.name).rsplit("/", 1)[-1],
-                          result.model_id)
+    name = None if result.name is None else str(result.name).rsplit("/", 1)[-1]
+    if _blazepose33(result, coco17):
+        layout = pt.layout_for(coco17)
+        people = [pt.keypoints(p, layout) for p in result.poses]
+        drawn = pt.draw_poses(result.rgb, people, layout, threshold)
+        document = pt.to_json(result.poses, layout, result.rgb.shape, name, result.model_id)
+    else:
+        layout = pt.COCO17
+        drawn = gp.draw_people(result.rgb, result.people or [], threshold)
+        document = gp.to_json(result.people or [], result.rgb.shape, name, result.model_id)
     path = common.output_path(f"{result.model_id}-{layout.name}", ".json")
     path.write_text(json.dumps(document, indent=1))
     return drawn, str(path), summary(result, threshold)
@@ -95,8 +153,15 @@ def render_confidence(result: PhotoResult | None, joint: str) -> np.ndarray | No
     """The chosen joint's confidence map over the photo (no model call)."""
     if result is None:
         return None
-    row = None if joint in (None, ALL_JOINTS) else pt.POSE_LANDMARKS.index(joint)
-    return pt.overlay_confidence(result.rgb, pt.confidence_map(result.poses, result.rgb.shape, row))
+    if result.model_id in pt.LANDMARK_MODELS:  # BlazePose's 39 heatmaps, by landmark row
+        row = None if joint in (None, ALL_JOINTS) else pt.POSE_LANDMARKS.index(joint)
+        return pt.overlay_confidence(result.rgb,
+                                     pt.confidence_map(result.poses, result.rgb.shape, row))
+    # TinyPose's 17 maps per person (MoveNet gives none: its overlay stays clear).
+    index = None if joint in (None, ALL_JOINTS) else pt.COCO17.names.index(joint) \
+        if joint in pt.COCO17.names else None
+    return pt.overlay_confidence(result.rgb,
+                                 gp.confidence_map(result.people or [], result.rgb.shape, index))
 
 
 @common.user_errors("Pose estimation")
@@ -111,7 +176,7 @@ def switch_layout(result: PhotoResult | None, coco17: bool, threshold: float,
                   joint: str) -> tuple:
     """33 ↔ 17 keypoints: redraw, and offer that layout's joints (keeping the choice if it
     exists in both)."""
-    choices = joint_choices(coco17)
+    choices = joint_choices(coco17, None if result is None else result.model_id)
     joint = joint if joint in choices else ALL_JOINTS
     return (*render_photo(result, coco17, threshold), gr.Dropdown(choices=choices, value=joint),
             render_confidence(result, joint))
@@ -123,10 +188,13 @@ def switch_layout(result: PhotoResult | None, coco17: bool, threshold: float,
 
 @dataclass
 class LiveState:
-    """One browser session's stream: its tracker and frame timing."""
+    """One browser session's stream: its tracker and frame timing. BlazePose tracks with its
+    own crops (``pt.PoseTracker``); the other pipelines run on every frame and keep people
+    apart with ``gp.PeopleTracker``."""
 
-    tracker: pt.PoseTracker
+    tracker: pt.PoseTracker | gp.PeopleTracker
     model_id: str
+    pipeline: gp.Pipeline | None = None
     last_frame: float | None = None
     interval: float | None = None  # seconds between frames, smoothed
 
@@ -152,15 +220,26 @@ def live_frame(frame: np.ndarray | None, model_id: str, smoothing: bool, coco17:
     # A new stream (or a long pause, after which the old poses say nothing) starts afresh.
     stale = state is not None and state.last_frame is not None and now - state.last_frame > 2
     if state is None or stale or state.model_id != model_id:
-        state = LiveState(pt.PoseTracker(estimator_for(model_id)), model_id)
+        if model_id in pt.LANDMARK_MODELS:
+            state = LiveState(pt.PoseTracker(estimator_for(model_id)), model_id)
+        else:
+            state = LiveState(gp.PeopleTracker(), model_id, pipeline_for(model_id))
     state.tracker.smoothing = bool(smoothing)
     state.tick(now)
     rgb = common.decode(frame).rgb
-    step = state.tracker.update(rgb, now)
-    layout = pt.layout_for(coco17)
-    out = pt.draw_poses(rgb, [pt.keypoints(p, layout) for p in step.poses], layout, threshold)
-    text = (f"{state.fps:4.1f} frames/s, model {1000 * step.latency:3.0f} ms"
-            f"{' (detector)' if step.detected else ''}")
+    if state.pipeline is None:
+        step = state.tracker.update(rgb, now)
+        layout = pt.layout_for(coco17)
+        out = pt.draw_poses(rgb, [pt.keypoints(p, layout) for p in step.poses], layout,
+                            threshold)
+        latency, note = step.latency, " (detector)" if step.detected else ""
+    else:
+        start = time.perf_counter()
+        people = state.tracker.update(state.pipeline.estimate(rgb), now)
+        latency = time.perf_counter() - start
+        out = gp.draw_people(rgb, people, threshold, by_track=True)
+        note = f", {len(people)} people"
+    text = f"{state.fps:4.1f} frames/s, model {1000 * latency:3.0f} ms{note}"
     pt.draw_label(out, [text])
     return out, state, text
 
@@ -170,16 +249,18 @@ def live_frame(frame: np.ndarray | None, model_id: str, smoothing: bool, coco17:
 
 
 def build() -> None:
-    models = pose_models()
     gr.Markdown(
-        "Body keypoints with MediaPipe's **BlazePose** (`blazepose-full` is more accurate, "
-        "`blazepose-lite` faster): a person detector, then a landmark model on a crop around "
-        "each person. Colours go from red (unsure) to green (sure)."
+        "Body keypoints for every person. **Group photo** (default): YOLOX-nano finds each "
+        "person, PP-TinyPose predicts 17 confidence maps on a crop of each, one channel per "
+        "keypoint (shown below the photo), and their peaks are the keypoints. **MoveNet "
+        "MultiPose** finds up to six people in one pass: the live webcam's model, with a track "
+        "id and colour per person. **BlazePose** gives 33 keypoints (hands, feet) for one "
+        "person near the camera. Joint colours go from red (unsure) to green (sure)."
     )
     with gr.Tab("Photo"):
-        _build_photo(models)
+        _build_photo(available(PHOTO_PIPELINES))
     with gr.Tab("Live webcam"):
-        _build_live(models)
+        _build_live(available(LIVE_PIPELINES))
 
 
 def _build_photo(models: list[str]) -> None:
@@ -187,9 +268,10 @@ def _build_photo(models: list[str]) -> None:
     with gr.Row():
         with gr.Column():
             image = common.photo_input(label="Photo", sources=["upload", "webcam", "clipboard"])
-            model = gr.Dropdown(models, value=models[0] if models else None, label="Model")
-            max_people = gr.Slider(1, 10, value=4, step=1, label="Max people")
-            coco17 = gr.Checkbox(False, label="COCO-17 keypoints (instead of BlazePose's 33)")
+            model = gr.Dropdown(pipeline_choices(models), value=models[0] if models else None,
+                                label="Model")
+            max_people = gr.Slider(1, 50, value=MAX_PEOPLE_DEFAULT, step=1, label="Max people")
+            coco17 = gr.Checkbox(False, label="BlazePose: COCO-17 keypoints instead of its 33")
             threshold = gr.Slider(0, 1, value=0.5, step=0.05,
                                   label="Confidence threshold (redraws, no rerun)")
             button = gr.Button("Find poses", variant="primary")
@@ -199,7 +281,8 @@ def _build_photo(models: list[str]) -> None:
             info = gr.Markdown()
             json_file = gr.File(label="Keypoints (COCO-style JSON)")
     with gr.Row():
-        joint = gr.Dropdown(joint_choices(False), value=ALL_JOINTS, label="Confidence map of")
+        joint = gr.Dropdown(joint_choices(False, models[0] if models else None),
+                            value=ALL_JOINTS, label="Confidence map of")
         confidence = gr.Image(label="Confidence map", format="png", interactive=False)
 
     inputs = [image, model, max_people, coco17, threshold, joint]
@@ -210,6 +293,7 @@ def _build_photo(models: list[str]) -> None:
     coco17.change(switch_layout, [state, coco17, threshold, joint],
                   [drawn, json_file, info, joint, confidence])
     joint.change(render_confidence, [state, joint], confidence)
+    model.change(switch_model, [model, coco17, joint], joint)
 
 
 def _build_live(models: list[str]) -> None:
@@ -219,7 +303,8 @@ def _build_live(models: list[str]) -> None:
         with gr.Column():
             webcam = gr.Image(label="Webcam", sources=["webcam"], streaming=True, type="numpy",
                               elem_id="pose-live-webcam")
-            model = gr.Dropdown(models, value=default, label="Model", elem_id="pose-live-model")
+            model = gr.Dropdown(pipeline_choices(models), value=default, label="Model",
+                                elem_id="pose-live-model")
             smoothing = gr.Checkbox(True, label="Smooth landmarks (One-Euro filter)")
             coco17 = gr.Checkbox(False, label="COCO-17 keypoints")
             threshold = gr.Slider(0, 1, value=0.5, step=0.05, label="Confidence threshold")
