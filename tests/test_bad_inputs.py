@@ -125,13 +125,24 @@ def _segment(model_id: str) -> Callable[[str], list[np.ndarray]]:
     return run
 
 
-def _pose(path: str) -> list[np.ndarray]:
-    state, drawn, json_path, info, confidence = pose.estimate_photo(
-        path, "blazepose-lite", 4, False, 0.5, pose.ALL_JOINTS)
-    document = json.loads(Path(json_path).read_text())
-    assert (document["image"]["height"], document["image"]["width"]) == state.rgb.shape[:2]
-    assert isinstance(info, str) and info
-    return [drawn, confidence]
+def _pose(model_id: str) -> Callable[[str], list[np.ndarray]]:
+    def run(path: str) -> list[np.ndarray]:
+        state, drawn, json_path, info, confidence = pose.estimate_photo(
+            path, model_id, 4, False, 0.5, pose.ALL_JOINTS)
+        document = json.loads(Path(json_path).read_text())
+        assert (document["image"]["height"], document["image"]["width"]) == state.rgb.shape[:2]
+        assert isinstance(info, str) and info
+        return [drawn, confidence]
+    return run
+
+
+def _live(model_id: str) -> Callable[[str], list[np.ndarray]]:
+    def run(path: str) -> list[np.ndarray]:
+        frame = common.decode(path).rgb
+        out, _state, text = pose.live_frame(frame, model_id, True, False, 0.5, None)
+        assert "frames/s" in text
+        return [out]
+    return run
 
 
 def _restore(degrade_first: bool) -> Callable[[str], list[np.ndarray]]:
@@ -169,7 +180,11 @@ TABS: dict[str, Tab] = {
     # The ports of issue 19, each at its own working size, scores mapped back to the photo.
     **{f"segment-{m}": Tab(_segment(m), lambda h, w: (h, w))
        for m in ("everyday", "mosaic-ade31", "espnetv2-voc", "espnetv2-cityscapes")},
-    "pose": Tab(_pose, lambda h, w: (h, w)),
+    "pose": Tab(_pose("blazepose-lite"), lambda h, w: (h, w)),
+    # The pipelines of issue 20: group photos (YOLOX → TinyPose), MoveNet, and live tracking.
+    "pose-group": Tab(_pose("yolox-tinypose"), lambda h, w: (h, w)),
+    "pose-movenet": Tab(_pose("movenet-multipose"), lambda h, w: (h, w)),
+    "pose-live-movenet": Tab(_live("movenet-multipose"), lambda h, w: (h, w)),
     "restore": Tab(_restore(False), lambda h, w: (2 * h, 2 * w)),
     # SSIM's 11×11 window after a border of 2: 15 pixels.
     "restore-degrade": Tab(_restore(True), lambda h, w: (_even(h), _even(w)), min_side=15),
@@ -257,6 +272,7 @@ def _photo(path: Path) -> Path:
     [
         ("seg", ["--model", "selfie-seg"], ["{}_mask.png", "{}_overlay.png"]),
         ("pose", ["--model", "blazepose-lite"], ["{}.json", "{}_pose.png"]),
+        ("pose", [], ["{}.json", "{}_pose.png"]),  # the default: yolox-tinypose
         ("sr", ["--model", "waifu2x-photo-x2"], ["{}_waifu2x-photo-x2_x2.png"]),
     ],
 )
