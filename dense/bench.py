@@ -147,7 +147,17 @@ def package_cache() -> Path:
 def litert_peer(model_id: str, x: torch.Tensor, threads: int) -> Callable[[], object] | None:
     from dense.ports.convert_mediapipe import SOURCES, LiteRT, tflite_path
 
-    if model_id not in SOURCES or x.shape[0] != 1:  # the .tflite graphs take batch 1
+    if x.shape[0] != 1:  # the .tflite graphs take batch 1
+        return None
+    if model_id == "mosaic-ade31":  # the uint8 graph: the same input, quantised as ours does
+        from dense.data import upstream_file
+        from dense.ports import convert_mosaic
+
+        runtime = convert_mosaic.LiteRT(upstream_file(convert_mosaic.UPSTREAM),
+                                        num_threads=threads)
+        image = np.clip(np.round(x.permute(0, 2, 3, 1).numpy() * 255), 0, 255).astype(np.uint8)
+        return lambda: runtime(image)
+    if model_id not in SOURCES:
         return None
     runtime = LiteRT(tflite_path(model_id, package_cache() / "packages"), num_threads=threads)
     nhwc = np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())
@@ -188,6 +198,56 @@ def ncnn_peer(model_id: str, x: torch.Tensor, threads: int, bf16: bool = False
         return extractor.extract(blob_out)
 
     return run
+
+
+def tinypose_ncnn_peer(model_id: str, x: torch.Tensor, threads: int
+                       ) -> Callable[[], object] | None:
+    """ncnn on PP-TinyPose's original .param/.bin (its default CPU options)."""
+    if not model_id.startswith("tinypose-") or x.shape[0] != 1:
+        return None
+    from dense.ports import convert_tinypose as ct
+
+    source = ct.SOURCES[model_id]
+    net = ct.ncnn_net(*ct.upstream_paths(source), threads=threads)
+    crop = np.ascontiguousarray(np.round(x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    chw = ct.normalised(crop)
+    return lambda: ct.ncnn_run(net, chw)
+
+
+def original_onnx_peer(model_id: str, x: torch.Tensor, threads: int
+                       ) -> Callable[[], object] | None:
+    """onnxruntime on the original ONNX file (YOLOX-nano: BGR 0-255, as the file expects)."""
+    if model_id != "yolox-nano":
+        return None
+    from dense.data import upstream_file
+    from dense.export import ort_session
+
+    session = ort_session(upstream_file("yolox/yolox_nano.onnx"), threads, spinning=True)
+    name = session.get_inputs()[0].name
+    bgr = np.ascontiguousarray(x.numpy()[:, ::-1] * 255, dtype=np.float32)
+    return lambda: session.run(None, {name: bgr})
+
+
+def tensorflow_peer(model_id: str, x: torch.Tensor, threads: int
+                    ) -> Callable[[], object] | None:
+    """TensorFlow on MoveNet's original TF.js graph, where TensorFlow is installed (it is no
+    dependency of dense: tests/fixtures/movenet/tf_reference.py rebuilds the graph)."""
+    import importlib.util
+
+    if not model_id.startswith("movenet-") or x.shape[0] != 1 \
+            or importlib.util.find_spec("tensorflow") is None:
+        return None
+    from dense.data import upstream_file
+    from dense.ports import convert_movenet
+
+    path = zoo.REPO_ROOT / "tests" / "fixtures" / "movenet" / "tf_reference.py"
+    spec = importlib.util.spec_from_file_location("movenet_tf_reference", path)
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    graph = reference.TFGraphModel(upstream_file(convert_movenet.SOURCES[model_id].json),
+                                   threads)
+    image = np.round(x.permute(0, 2, 3, 1).numpy() * 255).astype(np.int32)
+    return lambda: graph(image)
 
 
 def onnxruntime_peer(model_id: str, model: torch.nn.Module, x: torch.Tensor,
@@ -255,6 +315,9 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
                         ("ai-edge-litert", litert_peer(model_id, x, threads)),
                         ("ncnn", ncnn_peer(model_id, x, threads)),
                         ("ncnn (bf16 storage)", ncnn_peer(model_id, x, threads, bf16=True)),
+                        ("ncnn", tinypose_ncnn_peer(model_id, x, threads)),
+                        ("onnxruntime (original file)", original_onnx_peer(model_id, x, threads)),
+                        ("tensorflow", tensorflow_peer(model_id, x, threads)),
                         ("onnxruntime (our export)", onnxruntime_peer(model_id, model, x, threads)),
                 ):
                     if call is not None:

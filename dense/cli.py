@@ -19,6 +19,7 @@ from dense import zoo
 TASK_MODULES = (
     "dense.tasks.classification",
     "dense.tasks.segmentation",
+    "dense.tasks.segmentation_training",
     "dense.tasks.restoration",
     "dense.tasks.group_pose",
     "dense.tasks.keypoints",

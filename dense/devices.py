@@ -57,6 +57,13 @@ EXPORT_RUNTIMES = {
     "rrdbnet": ("openvino_bf16", "openvino"),
     "waifu2x_upconv7": ("openvino_bf16", "openvino"),
     "srvgg": ("openvino_bf16",),
+    # issues 19 and 20 (tentative until measured)
+    "mosaic": ("onnxruntime",),
+    "espnetv2_seg": ("openvino", "onnxruntime"),
+    "yolox": ("openvino", "onnxruntime"),
+    "tinypose": ("openvino", "onnxruntime"),
+    "movenet_multipose": ("openvino", "onnxruntime"),
+    "movenet_singlepose": ("openvino", "onnxruntime"),
 }
 
 
@@ -163,6 +170,8 @@ def prepare_model(model: nn.Module, device: torch.device, backend: str | None = 
     if device.type == "cpu":
         keep_freed_memory()
     chosen = pick_backend(model, device, backend)
+    if hasattr(model, "served_parts") and device.type == "cpu":
+        chosen = _serve_parts(model, device, backend, chosen)
     if chosen in EXPORT_BACKENDS:
         from dense.export import serve_export
 
@@ -178,6 +187,32 @@ def prepare_model(model: nn.Module, device: torch.device, backend: str | None = 
         model.forward = CudaGraphForward(model, served_size(model.config))
     model.backend = chosen
     return model
+
+
+def _serve_parts(model: nn.Module, device: torch.device, backend: str | None,
+                 chosen: str) -> str:
+    """A model made of networks that are best served apart (``everyday``: MOSAIC, served by
+    onnxruntime, and ESPNetv2, by OpenVINO; one export of both ran 1.7× slower than PyTorch):
+    each part gets its own backend; the model's own code around them runs in PyTorch.
+    Returns the backend description recorded on the model."""
+    from dense.export import serve_export
+
+    digest = getattr(model, "config", {}).get("sha256", {}).get("model.safetensors", "")
+    names = []
+    for name, (part, config) in model.served_parts().items():
+        # The export cache is keyed by the part's id and the whole model's checksum.
+        part.config = {**config, "id": f"{model.config.get('id', 'model')}-{name}",
+                       "sha256": {"model.safetensors": f"{digest[:12]}{name}"}}
+        runtime = pick_backend(part, device, backend)
+        if runtime in EXPORT_BACKENDS:
+            try:
+                serve_export(part, runtime)
+            except Exception as err:  # noqa: BLE001 - any export/runtime failure falls back
+                log.warning("%s unavailable for %s (%s); using PyTorch", runtime,
+                            part.config["id"], err)
+                runtime = chosen
+        names.append(f"{name}={runtime}")
+    return f"{chosen} ({', '.join(names)})"
 
 
 # One capture at a time in the process. Captures run in "thread_local" mode, so the app's

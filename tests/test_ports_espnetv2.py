@@ -20,12 +20,8 @@ import torch
 from torch import nn
 
 from dense import zoo
-from dense.ports.convert_espnetv2 import (
-    EXAMPLES,
-    PORTS,
-    TOLERANCE,
+from dense.ports.fidelity_espnetv2 import (
     compare_with_fixture,
-    convert_state_dict,
     export_session,
     fixture_inputs,
     load_photo,
@@ -33,6 +29,7 @@ from dense.ports.convert_espnetv2 import (
     run_port,
     run_session,
 )
+from dense.ports.source_espnetv2 import EXAMPLES, PORTS, TOLERANCE, convert_state_dict
 
 IDS = list(PORTS)
 
@@ -198,7 +195,7 @@ def test_onnx_export_matches_reference(model_id: str, tmp_path: Path) -> None:
 def test_against_edgenets_code(model_id: str) -> None:
     """EdgeNets' forward pass, live: set ESPNETV2_REFERENCE to a checkout of sacmehta/EdgeNets
     (kept outside this repository) and have ../shared/upstream."""
-    from dense.ports.convert_espnetv2 import load_reference, run_reference
+    from dense.ports.fidelity_espnetv2 import load_reference, run_reference
 
     checkout = os.environ.get("ESPNETV2_REFERENCE")
     if not checkout:

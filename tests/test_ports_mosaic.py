@@ -31,7 +31,7 @@ from dense.ports.convert_mosaic import (
     photo_uint8,
 )
 from dense.ports.mosaic import LABELS, MosaicSegmenter
-from dense.ports.tflite import ResizeBilinearGather
+from dense.ports.tflite_quant import ResizeBilinearGather
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mosaic"
 MODEL_ID = "mosaic-ade31"
@@ -308,7 +308,7 @@ def test_every_tensor_equals_litert(model, tflite_file):
     """Every tensor the port computes on one photo (103, the three SPLITs giving two each),
     each read from LiteRT by pointing the file's output at it: the port reproduces the integer
     graph, not an approximation of it."""
-    from dense.ports.tflite import _Reader
+    from dense.ports.tflite_reader import _Reader
 
     reader = _Reader(tflite_file)
     reader.read()

@@ -23,7 +23,7 @@ import torch
 from dense import zoo
 from dense.data import data_root, upstream_root
 from dense.ports import convert_movenet as cm
-from dense.ports import tfjs
+from dense.ports import tfjs, tfjs_ops, tfjs_reader
 from dense.ports.movenet import (
     MoveNetMultiPose,
     MoveNetSinglePose,
@@ -308,7 +308,7 @@ def test_resize_bilinear_half_pixel_is_tensorflows():
 
 
 def test_same_padding_and_select():
-    conv = tfjs.Conv2d(3, 4, [3, 3], [2, 2], [1, 1], 1, "SAME", True, "relu6")
+    conv = tfjs_ops.Conv2d(3, 4, [3, 3], [2, 2], [1, 1], 1, "SAME", True, "relu6")
     assert conv.pads(8, 8) == (0, 1, 0, 1)  # TF pads the odd pixel after
     assert conv.pads(7, 7) == (1, 1, 1, 1)
     cond = torch.tensor([True, False])
@@ -319,7 +319,7 @@ def test_same_padding_and_select():
 
 def test_unsupported_ops_are_named():
     with pytest.raises(NotImplementedError, match="NonMaxSuppressionV5"):
-        tfjs.make_layer({"name": "nms", "op": "NonMaxSuppressionV5", "attrs": {}})
+        tfjs_ops.make_layer({"name": "nms", "op": "NonMaxSuppressionV5", "attrs": {}})
 
 
 def test_weights_decoding(tmp_path):
@@ -333,7 +333,7 @@ def test_weights_decoding(tmp_path):
          "quantization": {"dtype": "uint8", "min": -1.0, "scale": 0.01}},
         {"name": "i", "shape": [2], "dtype": "int32"}]}]
     (tmp_path / "model.json").write_text(json.dumps({"weightsManifest": manifest}))
-    weights, stored = tfjs.read_weights(tmp_path / "model.json")
+    weights, stored = tfjs_reader.read_weights(tmp_path / "model.json")
     assert weights["h"].dtype == np.float32 and weights["h"].tolist() == [0.5, -2.0, 65504.0]
     assert np.allclose(weights["q"], [-1.0, 0.28, 1.55])
     assert weights["i"].tolist() == [7, -3] and stored == {"h": "float16", "q": "uint8",
@@ -346,7 +346,7 @@ def test_converter_rebuilds_the_bundled_folder(models, model_id):
     _, arch_args, state = cm.build_port(model_id)
     assert arch_args == models[model_id].config["arch_args"]
     ops = {op["op"] for op in arch_args["graph"]["ops"]} - {"conv2d"}
-    assert ops <= set(tfjs.supported_ops())
+    assert ops <= set(tfjs_ops.supported_ops())
     bundled = models[model_id].state_dict()
     assert all(torch.equal(v.float(), bundled[k]) for k, v in state.items())
 

