@@ -61,7 +61,9 @@ def count_flops(model: torch.nn.Module, size: tuple[int, int]) -> int:
 
 
 def default_size(model: torch.nn.Module) -> tuple[int, int]:
-    size = model.config.get("input", {}).get("size")
+    """The model's fixed or served input size (see ``dense.devices.served_size``), else 256²."""
+    inputs = model.config.get("input", {})
+    size = inputs.get("size") or inputs.get("served_size")
     return tuple(size) if size else (256, 256)
 
 
@@ -205,13 +207,13 @@ def tinypose_ncnn_peer(model_id: str, x: torch.Tensor, threads: int
     """ncnn on PP-TinyPose's original .param/.bin (its default CPU options)."""
     if not model_id.startswith("tinypose-") or x.shape[0] != 1:
         return None
-    from dense.ports import convert_tinypose as ct
+    from dense.ports import fidelity_tinypose as ft
+    from dense.ports.source_tinypose import SOURCES, upstream_paths
 
-    source = ct.SOURCES[model_id]
-    net = ct.ncnn_net(*ct.upstream_paths(source), threads=threads)
+    net = ft.ncnn_net(*upstream_paths(SOURCES[model_id]), threads=threads)
     crop = np.ascontiguousarray(np.round(x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
-    chw = ct.normalised(crop)
-    return lambda: ct.ncnn_run(net, chw)
+    chw = ft.normalised(crop)
+    return lambda: ft.ncnn_run(net, chw)
 
 
 def original_onnx_peer(model_id: str, x: torch.Tensor, threads: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -196,3 +197,33 @@ def test_a_slow_first_load_does_not_block_models_already_loaded(monkeypatch) -> 
         release.set()
         worker.join(30)
     assert results and z.cached_load("waifu2x-photo-x2", "cpu") is results[0]
+
+
+@pytest.mark.parametrize(("model_id", "missing"), [
+    ("mosaic-ade31", "mosaic/mobile_segmenter_r4_quant_argmax_uint8.tflite"),
+    ("espnetv2-voc", "espnetv2/espnetv2_s_2.0_pascal_384x384.pth"),
+    ("yolox-nano", "yolox/yolox_nano.onnx"),
+    ("tinypose-256x192", "tinypose/tinypose_256x192.param"),
+    ("movenet-multipose", "movenet/movenet-multipose.json"),
+])
+def test_convert_names_the_missing_upstream_file(model_id: str, missing: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from dense.convert import convert
+
+    monkeypatch.setenv("DENSE_UPSTREAM", str(tmp_path / "upstream"))
+    with pytest.raises(FileNotFoundError, match=re.escape(missing)) as err:
+        convert([model_id], out_root=tmp_path / "weights", log=lambda line: None)
+    assert "DENSE_UPSTREAM" in str(err.value)
+    assert not (tmp_path / "weights" / model_id / "model.safetensors").exists()
+
+
+def test_convert_refuses_an_upstream_file_that_is_not_the_published_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dense.data import upstream_file
+
+    fake = tmp_path / "yolox" / "yolox_nano.onnx"
+    fake.parent.mkdir()
+    fake.write_bytes(b"not the model")
+    monkeypatch.setenv("DENSE_UPSTREAM", str(tmp_path))
+    with pytest.raises(ValueError, match="not the pinned"):
+        upstream_file("yolox/yolox_nano.onnx")

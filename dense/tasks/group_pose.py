@@ -368,6 +368,29 @@ def coco_results(pipeline: Pipeline, coco: dict, images_dir: Path,
     return results
 
 
+def ground_truth_box_results(keypoint_model: nn.Module, people: Sequence[object],
+                             images_dir: Path) -> list[dict]:
+    """A top-down keypoint model (TinyPose) on annotated person boxes (``dense.tasks.keypoints.
+    Person``: COCO x, y, w, h), as COCO results: the protocol of the published top-down APs."""
+    from dense.images import read_image
+
+    top_down = TopDown(None, keypoint_model)
+    results = []
+    by_image: dict[str, list] = {}
+    for person in people:
+        by_image.setdefault(person.image, []).append(person)
+    for name, group in by_image.items():
+        rgb = read_image(Path(images_dir) / name).rgb
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (p.bbox for p in group)],
+                         np.float32)
+        found = top_down.keypoints_in_boxes(rgb, boxes, np.ones(len(group), np.float32))
+        for person, estimate in zip(group, found, strict=True):
+            results.append({"image_id": person.image_id, "category_id": 1,
+                            "keypoints": estimate.keypoints.ravel().round(2).tolist(),
+                            "score": estimate.score})
+    return results
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line: `dense predict pose`
 

@@ -403,7 +403,11 @@ def _eval(args: argparse.Namespace) -> int:
                           **metrics}))
         return 0
     config = read_config(resolve(args.model), args.model)
-    if config["task"] == "keypoints":
+    if config["architecture"] == "tinypose":  # its own crop and DARK decoding, on GT boxes
+        model = load(args.model, device=args.device)
+        results = group_pose.ground_truth_box_results(model, people, args.images)
+        boxes = "ground truth"
+    elif config["task"] == "keypoints":
         model = load(args.model, device=args.device)
         results = keypoint_results(model, coco, people, args.images)
         boxes = "ground truth"
