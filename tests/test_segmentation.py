@@ -196,3 +196,34 @@ def test_overlay_blends_like_float_arithmetic_and_leaves_background_clear() -> N
     drawn = labels > 0
     assert np.abs(out[drawn].astype(float) - expected[drawn]).max() <= 0.51 + 1e-9
     assert np.array_equal(out[labels == 0], rgb[labels == 0])
+
+
+def _shares(photo: str, model_id: str = "everyday") -> dict[str, float]:
+    result = tab.run(f"examples/{photo}", model_id)
+    return {e["class"]: e["share"] for e in seg.legend(result.segmentation)}
+
+
+def test_everyday_segments_people_in_a_room_a_room_and_a_cat() -> None:
+    people = _shares("charades.jpg")  # people playing charades in an apartment
+    assert all(people.get(c, 0) > 0.05 for c in ("person", "wall", "floor")), people
+    room = _shares("room.jpg")  # a living room: settee, armchairs, coffee table
+    assert all(room.get(c, 0) > 0.05 for c in ("wall", "floor", "ceiling")), room
+    assert sum(room.get(c, 0) for c in ("chair", "armchair", "sofa")) > 0.03, room
+    cat = _shares("chelsea.png")
+    assert max(cat, key=cat.get) == "cat", cat
+
+
+def test_everyday_is_a_distribution_over_the_union_of_both_label_sets() -> None:
+    from dense import zoo
+
+    model = zoo.load("everyday", device="cpu", backend="eager")
+    scene, objects = (zoo.read_config(zoo.resolve(m)) for m in ("mosaic-ade31", "espnetv2-voc"))
+    names = model.config["labels"]
+    assert names[:32] == scene["labels"] and "cat" in names and "dog" in names
+    assert len(names) == len(set(names)) == 46
+    with torch.inference_mode():
+        scores = model(torch.rand(1, 3, 512, 512))  # the scene's size: no resize after the log
+        assert model(torch.rand(1, 3, 200, 300)).shape == (1, 46, 200, 300)
+    assert scores.shape == (1, 46, 512, 512)
+    assert torch.allclose(scores.exp().sum(1), torch.ones(1, 512, 512), atol=1e-4)
+    assert len(objects["labels"]) == 21
