@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from dense.zoo import REPO_ROOT
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout (dense.zoo re-exports it)
 
 
 def data_root() -> Path | None:

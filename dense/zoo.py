@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dense.data import REPO_ROOT
 from dense.devices import pick_device, prepare_model
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
