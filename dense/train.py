@@ -3,6 +3,10 @@
 A run lives in one folder: ``last.pt`` (model, optimiser, schedule, history — resumed from
 automatically), ``best.pt`` (the weights with the best validation score), ``history.json`` and
 ``curves.png``. A run killed at any point loses at most the epoch in progress.
+
+Under ``torchrun`` the same loops train with DistributedDataParallel (``distributed_setup``):
+each process draws its own share of the data, gradients are averaged across them, and rank 0
+alone evaluates and writes the run folder (docs/training-distributed.md).
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import os
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dense.devices import pick_device
@@ -62,6 +68,115 @@ def read_run_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
     return config, data_root_or_error(args.data)
 
 
+def distributed_setup(device: torch.device | str = "cpu") -> torch.device:
+    """Join torchrun's process group when its environment variables are set (gloo on CPU, NCCL
+    on CUDA) and return this process's device: ``cuda:LOCAL_RANK`` on a GPU machine, so that
+    each rank has a GPU of its own. Without those variables (a plain run) nothing happens and
+    ``device`` comes back as it was. Safe to call more than once."""
+    device = torch.device(device)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # Rank 0 evaluates alone while the others wait in their next collective: an hour's
+        # timeout rather than the default ten minutes, which a full validation may exceed.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(hours=1))
+    return device
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Whether this process evaluates and writes files: rank 0, or the only process."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` in DistributedDataParallel when distributed, else ``model`` itself. Its
+    parameters stay those of ``model``, so optimisers made before wrapping still hold them."""
+    if not is_distributed():
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel: its state_dict has no ``module.`` prefix,
+    so checkpoints load the same into a distributed or a plain run."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm statistics over all ranks' batches, so that N processes × batch B normalise as
+    one process × batch N·B. PyTorch synchronises only on GPUs (SyncBatchNorm refuses CPU
+    tensors): on CPU each rank keeps its own batch statistics."""
+    if is_distributed() and device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def broadcast_value(value: float, device: torch.device | str = "cpu") -> float:
+    """Rank 0's ``value`` on every rank (every rank must call this at the same point)."""
+    if not is_distributed():
+        return value
+    # NCCL moves only GPU tensors; gloo only needs any tensor.
+    tensor = torch.tensor([value], dtype=torch.float64,
+                          device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(tensor, src=0)
+    return float(tensor.item())
+
+
+def broadcast_stop(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Rank 0's decision to stop, on every rank: each rank's own clock would read a slightly
+    different time, and a rank that stopped one step early would leave the others waiting in
+    their gradient all-reduce forever."""
+    return bool(broadcast_value(float(flag), device))
+
+
+def mean_over_ranks(value: float, device: torch.device | str = "cpu") -> float:
+    """The mean of ``value`` over the ranks (an epoch's loss: each rank saw a share)."""
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64,
+                          device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / world_size()
+
+
+def shard_seed(seed: int) -> int | list[int]:
+    """The random seed of this rank's data stream: ``seed`` in a plain run (as before), a
+    different stream per rank otherwise, so that the ranks do not draw the same patches."""
+    return [seed, rank()] if is_distributed() else seed
+
+
+def shard_sampler(dataset: torch.utils.data.Dataset, seed: int = 0
+                  ) -> torch.utils.data.DistributedSampler | None:
+    """A shuffling DistributedSampler (this rank's share of a map-style dataset) when
+    distributed, else None (the DataLoader shuffles as before). Call ``set_epoch`` every epoch:
+    the shuffle is seeded by the epoch, the same on every rank, so the shares never overlap."""
+    if not is_distributed():
+        return None
+    return torch.utils.data.DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+
+
 def cosine(progress: float) -> float:
     """Cosine decay from 1 to 0 over ``progress`` in [0, 1]."""
     return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
@@ -98,10 +213,18 @@ def fit(
     weights of every N-th epoch as ``epochNNN.pt`` (for choosing among them later, when the
     validation data are elsewhere: an ``evaluate`` that returns NaN never makes a ``best.pt``).
     Returns the history: one dict per epoch with the mean loss, the evaluation and the time.
+
+    Under torchrun (``distributed_setup``) the model trains in DistributedDataParallel:
+    ``batches()`` must then give this rank's share; rank 0 alone evaluates, saves and logs,
+    and decides when ``minutes`` are up. ``model`` itself is never wrapped (its BatchNorms
+    become SyncBatchNorm on GPUs), so checkpoints hold plain state_dicts.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device)
+    device = distributed_setup(device)
+    main = is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
+    model = sync_batchnorm(model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     history: list[dict] = []
     best = -math.inf
@@ -115,8 +238,8 @@ def fit(
     def lr_factor(step: int) -> float:
         if step < steps_per_epoch:
             return (step + 1) / steps_per_epoch
-        if budget:
-            return cosine(elapsed() / budget)
+        if budget:  # rank 0's clock, so that every rank steps at the same rate
+            return cosine(broadcast_value(elapsed(), device) / budget)
         return cosine((step - steps_per_epoch) / max(1, (epochs - 1) * steps_per_epoch))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
@@ -127,15 +250,17 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         history, best = state["history"], state["best"]
         clock["spent"] = sum(h["seconds"] for h in history)
-        log(f"resumed from {last} after epoch {len(history)}")
+        if main:
+            log(f"resumed from {last} after epoch {len(history)}")
     autocast = bf16_autocast(device, amp)
     channels_last = amp == "bf16" and device.type == "cpu"
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    trained = wrap(model, device)  # the model itself in a plain run
     epoch = len(history)
 
     def finished() -> bool:
-        return elapsed() >= budget if budget else epoch >= epochs
+        return broadcast_stop(elapsed() >= budget, device) if budget else epoch >= epochs
 
     done = finished()
     while not done:
@@ -149,15 +274,19 @@ def fit(
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
-                loss = loss_fn(model(x), _to(y, device))
+                loss = loss_fn(trained(x), _to(y, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
         model.eval()
+        mean_loss = mean_over_ranks(float(np.mean(losses)), device)
+        if not main:  # rank 0 evaluates and writes; the others go on to the next epoch
+            done = finished()
+            continue
         metrics = evaluate(model)
-        record = {"epoch": epoch, "loss": float(np.mean(losses)), **metrics,
+        record = {"epoch": epoch, "loss": mean_loss, **metrics,
                   "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 1)}
         history.append(record)
         if metrics[monitor] > best:
@@ -180,6 +309,7 @@ def fit(
             f"{metrics[monitor]:.4f}  (best {best:.4f})  {record['seconds']} s")
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
+    barrier()  # the others wait until rank 0 has written the last checkpoint
     return {"history": history, "best": best}
 
 

@@ -215,3 +215,19 @@ def test_segmentation_training_without_val_keeps_snapshots(tmp_path) -> None:
     history = json.loads((run / "history.json").read_text())
     assert len(history) == 3 and all(np.isnan(h["miou"]) for h in history)
     assert (run / "curves.png").stat().st_size > 0  # drawn without the unmeasured metric
+
+
+def test_without_torchrun_the_distributed_helpers_change_nothing(monkeypatch) -> None:
+    from dense import train
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert train.distributed_setup("cpu") == torch.device("cpu")
+    assert not train.is_distributed() and train.is_main()
+    assert train.rank() == 0 and train.world_size() == 1
+    model = nn.Linear(2, 1)
+    assert train.wrap(model, torch.device("cpu")) is model and train.unwrap(model) is model
+    assert train.sync_batchnorm(model, torch.device("cpu")) is model
+    assert train.broadcast_stop(True) is True and train.broadcast_value(2.5) == 2.5
+    assert train.mean_over_ranks(3.0) == 3.0
+    assert train.shard_seed(7) == 7 and train.shard_sampler([1, 2, 3]) is None

@@ -107,7 +107,7 @@ class KeypointCrops(torch.utils.data.Dataset):
     """
 
     def __init__(self, people: list[Person], images_dir: Path, size: tuple[int, int],
-                 sigma: float, augment: bool = False, seed: int = 0) -> None:
+                 sigma: float, augment: bool = False, seed: int | list[int] = 0) -> None:
         self.people, self.size, self.sigma, self.augment = people, tuple(size), sigma, augment
         self.images = {p.image: read_image(Path(images_dir) / p.image).rgb for p in people}
         self.rng = np.random.default_rng(seed)
@@ -301,23 +301,33 @@ def build_model(config: dict) -> nn.Module:
 def train_from_config(config: dict, data_root: Path, log=print) -> Path:
     """`dense train keypoints CONFIG`: train a keypoint U-Net; the best weights (by OKS AP on
     the validation annotations) are exported as a zoo folder ``run_dir/model``."""
-    from dense.train import fit
+    from dense.train import distributed_setup, fit, is_main, shard_sampler, shard_seed
 
     train, data = config["train"], config["data"]
+    # Under torchrun: join the process group first, so that the data can be sharded by rank.
+    device = distributed_setup(train.get("device", "cpu"))
     torch.manual_seed(train.get("seed", 0))
     torch.set_num_threads(train.get("threads", torch.get_num_threads()))
     size = tuple(train["input_size"])
     _, train_people = read_coco(data_root / data["train_json"])
     val_coco, val_people = read_coco(data_root / data["val_json"])
     crops = KeypointCrops(train_people, data_root / data["train_images"], size, train["sigma"],
-                          augment=train.get("augment", True), seed=train.get("seed", 0))
-    loader = torch.utils.data.DataLoader(crops, batch_size=min(train["batch_size"], len(crops)),
-                                         shuffle=True, drop_last=True, num_workers=0)
+                          augment=train.get("augment", True),
+                          seed=shard_seed(train.get("seed", 0)))  # own augmentations per rank
+    sampler = shard_sampler(crops, train.get("seed", 0))  # None in a plain run
+    share = len(sampler) if sampler is not None else len(crops)
+    loader = torch.utils.data.DataLoader(crops, batch_size=min(train["batch_size"], share),
+                                         shuffle=sampler is None, sampler=sampler,
+                                         drop_last=True, num_workers=0)
     model = build_model(config)
     model.config = zoo_config(config)
 
     def batches():  # cycle the (small) data set until the epoch's steps are done
+        cycle = 0
         while True:
+            if sampler is not None:  # a new shuffle every pass, the same on every rank
+                sampler.set_epoch(cycle)
+                cycle += 1
             yield from loader
 
     def evaluate(m: nn.Module) -> dict:
@@ -325,18 +335,21 @@ def train_from_config(config: dict, data_root: Path, log=print) -> Path:
         return {"ap": oks_ap(val_coco, results)["ap"]}
 
     run_dir = Path(config["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+
     def loss(maps: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return keypoint_loss(maps, target, train.get("foreground_weight", 0.0))
 
     fit(model, batches, loss, evaluate, run_dir, epochs=train["epochs"],
         steps_per_epoch=train["steps_per_epoch"], lr=train["lr"],
         weight_decay=train.get("weight_decay", 1e-4), monitor="ap",
-        device=train.get("device", "cpu"), minutes=train.get("minutes"), amp=train.get("amp"),
+        device=device, minutes=train.get("minutes"), amp=train.get("amp"),
         log=log)
-    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
-    export_model(best["model"], config, best["metrics"], run_dir / "model")
+    if is_main():
+        best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+        export_model(best["model"], config, best["metrics"], run_dir / "model")
     return run_dir
 
 

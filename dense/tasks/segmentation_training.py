@@ -31,12 +31,22 @@ def train_from_config(config: dict, data_root: Path, log=print) -> Path:
     and ``[train] snapshot_every`` keeps weights to choose among later.
     """
     from dense.nn.unet import UNet, load_pretrained_encoder
-    from dense.train import fit, init_weights, limit_worker_threads, loader_workers
+    from dense.train import (
+        distributed_setup,
+        epochs_done,
+        fit,
+        init_weights,
+        is_main,
+        limit_worker_threads,
+        loader_workers,
+        shard_sampler,
+    )
 
     train_cfg, model_cfg = config["train"], dict(config["model"])
+    # Under torchrun: join the process group first, so that the data can be sharded by rank.
+    device = distributed_setup(train_cfg.get("device", "cpu"))
     torch.manual_seed(train_cfg.get("seed", 0))
     torch.set_num_threads(train_cfg.get("threads", torch.get_num_threads()))
-    device = train_cfg.get("device", "cpu")
     root = data_root / config["data"]
     meta = _classes(root)
     names, ignore = meta["classes"], meta["void_label"]
@@ -52,10 +62,11 @@ def train_from_config(config: dict, data_root: Path, log=print) -> Path:
     elif encoder_weights:
         load_pretrained_encoder(model, encoder_weights)
     workers = loader_workers(device)
+    sampler = shard_sampler(train_set, train_cfg.get("seed", 0))  # None in a plain run
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=train_cfg["batch_size"], shuffle=True, drop_last=True,
-        num_workers=workers, persistent_workers=workers > 0, pin_memory=workers > 0,
-        worker_init_fn=limit_worker_threads if workers else None)
+        train_set, batch_size=train_cfg["batch_size"], shuffle=sampler is None, sampler=sampler,
+        drop_last=True, num_workers=workers, persistent_workers=workers > 0,
+        pin_memory=workers > 0, worker_init_fn=limit_worker_threads if workers else None)
     model.config = {"labels": names}
     if weight is not None:
         weight = weight.to(device)
@@ -69,9 +80,18 @@ def train_from_config(config: dict, data_root: Path, log=print) -> Path:
     if val_set is None:
         log(f"no {root / 'val'}: validation skipped")
     run_dir = Path(config["run_dir"])
-    (run_dir).mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    fit(model, lambda: loader, lambda out, y: segmentation_loss(out, y, ignore, weight),
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    epoch = [epochs_done(run_dir)]  # a resumed run goes on with the next epoch's shuffle
+
+    def batches() -> torch.utils.data.DataLoader:
+        if sampler is not None:  # a new shuffle every epoch, the same on every rank
+            sampler.set_epoch(epoch[0])
+            epoch[0] += 1
+        return loader
+
+    fit(model, batches, lambda out, y: segmentation_loss(out, y, ignore, weight),
         evaluate, run_dir, epochs=train_cfg["epochs"], steps_per_epoch=len(loader),
         lr=train_cfg["lr"], weight_decay=train_cfg.get("weight_decay", 1e-4), device=device,
         minutes=train_cfg.get("minutes"), amp=train_cfg.get("amp"),
