@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from dense.devices import inference, model_device
+from dense.images import DecodedImage
 from dense.tasks import pose as pt
 
 # Pipeline id → what it is, in the words the app's dropdown shows.
@@ -395,50 +397,84 @@ def ground_truth_box_results(keypoint_model: nn.Module, people: Sequence[object]
 # Command line: `dense predict pose`
 
 
-def _predict(args: argparse.Namespace) -> int:
+def load_for_predict(options: dict) -> Pipeline:
+    """The pipeline ``dense predict pose`` runs: what :func:`predict_one` takes (the Ray
+    engine's workers call this once each)."""
     from dense import zoo
+
+    if options.get("threads"):
+        torch.set_num_threads(options["threads"])
+    loader = lambda name: zoo.load(name, device=options["device"])  # noqa: E731
+    if options["model"] in pt.LANDMARK_MODELS:
+        # Built here rather than by load_pipeline: --coco17 off needs the estimator's 33 points.
+        return BlazePose(pt.PoseEstimator(loader(options["model"]), loader(pt.DETECTOR)))
+    return load_pipeline(options["model"], loader)
+
+
+def predict_options(args: argparse.Namespace) -> dict:
+    """The command's options as a plain dict: pickled to Ray's workers as they are."""
+    return {"model": args.model, "device": args.device, "threads": args.threads,
+            "max_people": args.max_people, "threshold": args.threshold, "coco17": args.coco17}
+
+
+def predict_one(pipeline: Pipeline, source: str | os.PathLike[str] | bytes | DecodedImage,
+                name: str, out_dir: Path, options: dict) -> dict:
+    """One image of ``dense predict pose``: ``{stem}.json`` (COCO-style) and ``{stem}_pose.png``
+    in ``out_dir``, and the index row (``status``, ``outputs`` relative to ``out_dir``,
+    ``people`` found). The serial loop and the Ray workers both call this, so their files are
+    the same bytes by construction; a bad image is an error row, never an exception."""
     from dense.images import ImageError, read_image
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    blazepose33 = args.model in pt.LANDMARK_MODELS and not args.coco17
-    loader = lambda name: zoo.load(name, device=args.device)  # noqa: E731
-    if args.model in pt.LANDMARK_MODELS:
-        estimator = pt.PoseEstimator(loader(args.model), loader(pt.DETECTOR))
-        pipeline: Pipeline = BlazePose(estimator)
+    row = {"input": name, "outputs": [], "status": "ok", "error": None, "people": None}
+    try:
+        rgb = (source if isinstance(source, DecodedImage) else read_image(source)).rgb
+    except (ImageError, OSError) as err:
+        return {**row, "status": "error", "error": str(err)}
+    model_id, file_name = options["model"], Path(name).name
+    if model_id in pt.LANDMARK_MODELS and not options["coco17"]:  # BlazePose's own 33 landmarks
+        estimator = pipeline.estimator  # type: ignore[union-attr]
+        poses = estimator.estimate(rgb, options["max_people"])
+        result = pt.to_json(poses, pt.BLAZEPOSE_33, rgb.shape, file_name, model_id)
+        drawn = pt.draw_poses(rgb, [pt.keypoints(p, pt.BLAZEPOSE_33) for p in poses],
+                              pt.BLAZEPOSE_33, options["threshold"])
+        found = len(poses)
     else:
-        pipeline = load_pipeline(args.model, loader)
+        people = pipeline.estimate(rgb, options["max_people"])
+        result = to_json(people, rgb.shape, file_name, model_id)
+        drawn = draw_people(rgb, people, options["threshold"])
+        found = len(people)
+    stem = Path(name).stem
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    cv2.imwrite(str(out_dir / f"{stem}_pose.png"), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+    return {**row, "outputs": [f"{stem}.json", f"{stem}_pose.png"], "people": found}
+
+
+def _predict(args: argparse.Namespace) -> int:
+    if getattr(args, "engine", "serial") == "ray":
+        from dense.batch import run_ray
+
+        return run_ray("pose", args)
+    options = predict_options(args)
+    pipeline = load_for_predict(options)
     args.out.mkdir(parents=True, exist_ok=True)
     status = 0
-    for path in args.images:
-        try:
-            rgb = read_image(path).rgb
-        except (ImageError, OSError) as err:
-            print(f"error: {path}: {err}", file=sys.stderr)
+    for path in map(Path, args.images):
+        row = predict_one(pipeline, path, path.name, args.out, options)
+        if row["status"] != "ok":
+            print(f"error: {path}: {row['error']}", file=sys.stderr)
             status = 1
             continue
-        if blazepose33:  # BlazePose's own 33 landmarks
-            poses = estimator.estimate(rgb, args.max_people)
-            result = pt.to_json(poses, pt.BLAZEPOSE_33, rgb.shape, Path(path).name, args.model)
-            drawn = pt.draw_poses(rgb, [pt.keypoints(p, pt.BLAZEPOSE_33) for p in poses],
-                                  pt.BLAZEPOSE_33, args.threshold)
-            found = len(poses)
-        else:
-            people = pipeline.estimate(rgb, args.max_people)
-            result = to_json(people, rgb.shape, Path(path).name, args.model)
-            drawn = draw_people(rgb, people, args.threshold)
-            found = len(people)
-        json_path = args.out / f"{Path(path).stem}.json"
-        json_path.write_text(json.dumps(result, indent=1))
-        png_path = args.out / f"{Path(path).stem}_pose.png"
-        cv2.imwrite(str(png_path), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-        print(f"{path}: {found} people -> {json_path}, {png_path}")
+        json_path, png_path = (args.out / o for o in row["outputs"])
+        print(f"{path}: {row['people']} people -> {json_path}, {png_path}")
     return status
 
 
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    from dense.batch import add_engine_arguments
+
     p = subparsers.add_parser("pose", help="body keypoints of every person: JSON + skeletons")
-    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("images", nargs="+", type=str,
+                   help="image files (with --engine ray also folders and s3://... URIs)")
     p.add_argument("--model", default=DEFAULT_PHOTO, choices=list(PIPELINES),
                    help=f"the pipeline (default {DEFAULT_PHOTO}: YOLOX-nano boxes, then "
                         "PP-TinyPose on each person)")
@@ -450,4 +486,5 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("pose-out"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    add_engine_arguments(p)
     p.set_defaults(func=_predict)

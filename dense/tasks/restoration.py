@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dense.devices import inference, model_device
-from dense.images import ImageError, read_image, save_png
+from dense.images import DecodedImage, ImageError, read_image, save_png
 
 log = logging.getLogger(__name__)
 
@@ -640,8 +641,10 @@ class _Task:
         self.config, self.task, self.scale = config, config["task"], _scale(config)
         if self.task not in ("sr", "deblur"):
             raise ValueError(f"config task must be 'sr' or 'deblur', not {self.task!r}")
+        from dense.train import shard_seed
+
         self.sampler = PatchSampler(load_training_images(data_root, config["data"]["train"]),
-                                    train.get("seed", 0))
+                                    shard_seed(train.get("seed", 0)))
         self.batch_size, self.patch = train["batch_size"], train["patch"]
         data = config["data"]
         if self.task == "sr":
@@ -707,10 +710,14 @@ class _BatchStream(torch.utils.data.IterableDataset):
         self.task = task
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from dense.train import is_distributed, rank
+
         info = torch.utils.data.get_worker_info()
         if info is not None:
             seed = self.task.config["train"].get("seed", 0)
-            self.task.sampler.rng = np.random.default_rng([seed, info.id])
+            # A stream per worker and, under torchrun, per rank: no two draw the same patches.
+            self.task.sampler.rng = np.random.default_rng(
+                [seed, rank(), info.id] if is_distributed() else [seed, info.id])
         while True:
             yield self.task.batch()
 
@@ -898,14 +905,20 @@ def export_run(run_dir: Path, out_dir: Path | None, data_root: Path,
     return out_dir
 
 
-def _prepare(config: dict) -> Path:
+def _prepare(config: dict) -> tuple[Path, torch.device]:
+    """The run folder and this process's device, after joining torchrun's process group (if
+    launched by torchrun) so that the data streams made next can be sharded by rank."""
+    from dense.train import distributed_setup, is_main
+
     train = config["train"]
+    device = distributed_setup(train.get("device", "cpu"))
     torch.manual_seed(train.get("seed", 0))
     torch.set_num_threads(train.get("threads", torch.get_num_threads()))
     run_dir = Path(config["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    return run_dir
+    if is_main():
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    return run_dir, device
 
 
 def train_restoration(config: dict, data_root: Path, log: Callable[[str], None] = print) -> Path:
@@ -913,13 +926,12 @@ def train_restoration(config: dict, data_root: Path, log: Callable[[str], None] 
 
     The best weights (by validation PSNR-Y) are also exported as a zoo folder ``run_dir/model``.
     """
-    from dense.train import fit, init_weights, loader_workers
+    from dense.train import fit, init_weights, is_main, loader_workers
 
-    run_dir = _prepare(config)
+    run_dir, device = _prepare(config)
     task = _Task(config, Path(data_root))
     model = build_generator(config)
     train = config["train"]
-    device = train.get("device", "cpu")
     if train.get("init"):  # a later stage: start from an earlier run's or model's weights
         init_weights(model, train["init"])
     batches = task.batches(train["steps_per_epoch"], loader_workers(device))
@@ -927,7 +939,8 @@ def train_restoration(config: dict, data_root: Path, log: Callable[[str], None] 
         steps_per_epoch=train["steps_per_epoch"], lr=train["lr"],
         weight_decay=train.get("weight_decay", 0.0), monitor="psnr", device=device,
         minutes=train.get("minutes"), amp=train.get("amp"), log=log)
-    export_best(run_dir, config)
+    if is_main():
+        export_best(run_dir, config)
     return run_dir
 
 
@@ -1009,14 +1022,23 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
     generator is exported as ``run_dir/model`` (a GAN is judged by eye, not by best PSNR).
     """
     from dense.nn.discriminator import PatchDiscriminator
-    from dense.train import bf16_autocast, plot_curves
+    from dense.train import (
+        barrier,
+        bf16_autocast,
+        is_main,
+        mean_over_ranks,
+        plot_curves,
+        sync_batchnorm,
+        unwrap,
+        wrap,
+    )
 
     train, gan = config["train"], config["gan"]
     if train.get("minutes"):
         raise ValueError("the GAN trains by epochs (config [train] epochs), not by --minutes")
-    run_dir = _prepare(config)
+    run_dir, device = _prepare(config)
+    main = is_main()
     task = _Task(config, Path(data_root))
-    device = torch.device(train.get("device", "cpu"))
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         degraded, target = task.batch()
@@ -1028,8 +1050,8 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
     if not last.is_file() and gan.get("init"):
         _init_generator(generator, gan["init"], log)
     # On the device before the optimisers exist: a resumed optimiser state then follows them.
-    generator.to(device)
-    discriminator.to(device)
+    generator = sync_batchnorm(generator.to(device), device)
+    discriminator = sync_batchnorm(discriminator.to(device), device)
     opt_g = torch.optim.Adam(generator.parameters(), lr=train["lr"], betas=(0.9, 0.99))
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=gan.get("lr_d", train["lr"]),
                              betas=(0.9, 0.99))
@@ -1041,11 +1063,17 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         history = state["history"]
-        log(f"resumed from {last} after epoch {len(history)}")
+        if main:
+            log(f"resumed from {last} after epoch {len(history)}")
     (run_dir / "samples").mkdir(exist_ok=True)
     # bf16 autocast for the forward passes, as `dense train sr` does with amp = "bf16"; the
     # weights, optimisers, losses and evaluation stay fp32.
     autocast = bf16_autocast(device, train.get("amp"))
+    # Under torchrun each network trains in DistributedDataParallel (itself in a plain run).
+    # Only the network being updated goes through its wrapper: the other one runs plain (the
+    # generator without gradients, the frozen discriminator), since a wrapper whose parameters
+    # get no gradients in a backward pass would wait for them at its next step.
+    g_trained, d_trained = wrap(generator, device), wrap(discriminator, device)
     for epoch in range(len(history) + 1, train["epochs"] + 1):
         started, logs = time.time(), []
         generator.train()
@@ -1053,17 +1081,20 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
         for _ in range(train["steps_per_epoch"]):
             record: dict = {}
             for _ in range(gan.get("d_steps", 1)):
-                record.update(discriminator_step(generator, discriminator, opt_d, *batch(),
+                record.update(discriminator_step(generator, d_trained, opt_d, *batch(),
                                                  autocast))
-            record.update(generator_step(generator, discriminator, opt_g, *batch(),
+            record.update(generator_step(g_trained, unwrap(d_trained), opt_g, *batch(),
                                          gan.get("adv_weight", 5e-3), gan.get("content", "l1"),
                                          autocast))
             logs.append(record)
         generator.eval()
+        means = {k: mean_over_ranks(float(np.mean([r[k] for r in logs])), device)
+                 for k in logs[0]}
+        if not main:  # rank 0 evaluates and writes
+            continue
         metrics = task.evaluate(generator)
         save_png(task.samples(generator), run_dir / "samples" / f"epoch_{epoch:03d}.png")
-        entry = {"epoch": epoch, **{k: float(np.mean([r[k] for r in logs])) for k in logs[0]},
-                 **metrics, "seconds": round(time.time() - started, 1)}
+        entry = {"epoch": epoch, **means, **metrics, "seconds": round(time.time() - started, 1)}
         history.append(entry)
         torch.save({"generator": generator.state_dict(),
                     "discriminator": discriminator.state_dict(), "opt_g": opt_g.state_dict(),
@@ -1074,8 +1105,10 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
         log(f"epoch {epoch}/{train['epochs']}  G {entry['loss_g']:.4f}  D {entry['loss_d']:.4f}"
             f"  D acc real {entry['d_acc_real']:.2f} fake {entry['d_acc_fake']:.2f}"
             f"  psnr {metrics['psnr']:.2f}  {entry['seconds']} s")
-    export_model(generator.cpu(), config, history[-1] if history else {}, run_dir / "model",
-                 "gan")
+    barrier()
+    if main:
+        export_model(generator.cpu(), config, history[-1] if history else {},
+                     run_dir / "model", "gan")
     return run_dir
 
 
@@ -1083,40 +1116,85 @@ def train_gan(config: dict, data_root: Path, log: Callable[[str], None] = print)
 # Command line: `dense predict sr|deblur`, `dense train sr|deblur|gan`, `dense eval sr|deblur`
 
 
+def predict_options(args: argparse.Namespace) -> dict:
+    """The command's options as a plain dict: pickled to Ray's workers as they are."""
+    return {"task": SR_TASK if args.task == "sr" else DEBLUR_TASK, "model": args.model,
+            "scale": getattr(args, "scale", None), "device": args.device,
+            "self_ensemble": args.self_ensemble, "tile": args.tile}
+
+
+def check_predict_options(options: dict) -> str | None:
+    """What is wrong with the options before any model is loaded, or None."""
+    if options["model"] == "bicubic" and not options["scale"]:
+        return "--model bicubic needs --scale"
+    if options["tile"] < 8:
+        return "--tile must be at least 8 pixels"
+    return None
+
+
+def load_for_predict(options: dict) -> nn.Module:
+    """The model ``dense predict sr|deblur`` runs: what :func:`predict_one` takes (the Ray
+    engine's workers call this once each). Raises ValueError when it is for the other task."""
+    model = load_restorer(options["model"], options["scale"], options["device"],
+                          options["self_ensemble"])
+    if model.config.get("task") != options["task"]:
+        raise ValueError(f"model '{options['model']}' is for {model.config.get('task')}, "
+                         f"not {options['task']}")
+    return model
+
+
+def predict_one(model: nn.Module, source: str | os.PathLike[str] | bytes | DecodedImage,
+                name: str, out_dir: Path, options: dict,
+                progress: Callable[[float], None] | None = None) -> dict:
+    """One image of ``dense predict sr|deblur``: ``{stem}_{model}_{x2|deblurred}[_ensemble].png``
+    in ``out_dir``, and the index row (``status``, ``outputs`` relative to ``out_dir``). The
+    serial loop and the Ray workers both call this, so their files are the same bytes by
+    construction; a bad image (or one too large for memory) is an error row, not an exception.
+    """
+    row = {"input": name, "outputs": [], "status": "ok", "error": None}
+    suffix = f"x{model_scale(model)}" if options["task"] == SR_TASK else "deblurred"
+    suffix += "_ensemble" if options["self_ensemble"] else ""
+    try:
+        image = source if isinstance(source, DecodedImage) else read_image(source)
+        out = restore(model, image.rgb, progress, alpha=image.alpha, tile=options["tile"])
+        file = f"{Path(name).stem}_{model.config.get('id', options['model'])}_{suffix}.png"
+        save_png(out, out_dir / file)
+    except (ImageError, MemoryError, OSError) as err:
+        return {**row, "status": "error", "error": str(err)}
+    return {**row, "outputs": [file]}
+
+
 def _predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    task = SR_TASK if args.task == "sr" else DEBLUR_TASK
-    if args.model == "bicubic" and not getattr(args, "scale", None):
-        print("error: --model bicubic needs --scale", file=sys.stderr)
+    options = predict_options(args)
+    problem = check_predict_options(options)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    if args.tile < 8:
-        print("error: --tile must be at least 8 pixels", file=sys.stderr)
-        return 2
-    model = load_restorer(args.model, getattr(args, "scale", None), args.device,
-                          args.self_ensemble)
-    if model.config.get("task") != task:
-        print(f"error: model '{args.model}' is for {model.config.get('task')}, not {task}",
-              file=sys.stderr)
+    if getattr(args, "engine", "serial") == "ray":
+        from dense.batch import run_ray
+
+        return run_ray(args.task, args)
+    try:
+        model = load_for_predict(options)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    images = [Path(p) for p in args.images]
     status = 0
-    suffix = f"x{model_scale(model)}" if task == SR_TASK else "deblurred"
-    suffix += "_ensemble" if args.self_ensemble else ""
     # Fractional progress (tiles of the current image) shown with two decimals.
     fmt = "{l_bar}{bar}| {n:.2f}/{total_fmt} images [{elapsed}<{remaining}]{postfix}"
-    with tqdm(total=len(args.images), file=sys.stderr, bar_format=fmt) as bar:
-        for i, path in enumerate(args.images):
+    with tqdm(total=len(images), file=sys.stderr, bar_format=fmt) as bar:
+        for i, path in enumerate(images):
             bar.set_postfix_str(path.name)
-            try:
-                image = read_image(path)
-                out = restore(model, image.rgb, lambda f, i=i: bar.update(i + f - bar.n),
-                              alpha=image.alpha, tile=args.tile)
-                target = args.out / f"{path.stem}_{model.config.get('id', args.model)}_{suffix}.png"
-                save_png(out, target)
-                bar.write(f"{path} -> {target}")
-            except (ImageError, MemoryError) as err:
-                bar.write(f"error: {path}: {err}", file=sys.stderr)
+            row = predict_one(model, path, path.name, args.out, options,
+                              lambda f, i=i: bar.update(i + f - bar.n))
+            if row["status"] == "ok":
+                bar.write(f"{path} -> {args.out / row['outputs'][0]}")
+            else:
+                bar.write(f"error: {path}: {row['error']}", file=sys.stderr)
                 status = 1
             bar.update(i + 1 - bar.n)
     return status
@@ -1180,16 +1258,20 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    from dense.batch import add_engine_arguments
+
     for name, text in (("sr", "super-resolution (e.g. --model realesrgan-x4plus, or bicubic "
                               "with --scale)"),
                        ("deblur", "deblurring (a deblurring model of the zoo)")):
         p = subparsers.add_parser(name, help=text)
-        p.add_argument("images", nargs="+", type=Path)
+        p.add_argument("images", nargs="+", type=str,
+                       help="image files (with --engine ray also folders and s3://... URIs)")
         p.add_argument("--model", required=True)
         p.add_argument("--out", type=Path, required=True, help="output folder (PNG files)")
         if name == "sr":
             p.add_argument("--scale", type=int, help="only for --model bicubic")
         _common(p)
+        add_engine_arguments(p)
         p.set_defaults(func=_predict)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from dense.devices import inference, model_device
-from dense.images import read_image
+from dense.images import DecodedImage, read_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -326,42 +327,80 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from dense.images import ImageError, save_png
+def load_for_predict(options: dict) -> nn.Module:
+    """The model ``dense predict seg`` runs: what :func:`predict_one` takes (``options`` as
+    :func:`predict_options` makes them; the Ray engine's workers call this once each)."""
     from dense.zoo import load
 
-    model = load(args.model, device=args.device)
+    return load(options["model"], device=options["device"])
+
+
+def predict_options(args: argparse.Namespace) -> dict:
+    """The command's options as a plain dict: pickled to Ray's workers as they are."""
+    return {"model": args.model, "device": args.device, "opacity": args.opacity}
+
+
+def predict_one(model: nn.Module, source: str | os.PathLike[str] | bytes | DecodedImage,
+                name: str, out_dir: Path, options: dict) -> dict:
+    """One image of ``dense predict seg``: ``{stem}_mask.png`` and ``{stem}_overlay.png`` in
+    ``out_dir``, and the index row (``status`` ok/error, ``outputs`` relative to ``out_dir``,
+    ``classes`` as :func:`legend`). The serial loop and the Ray workers both call this, so their
+    files are the same bytes by construction; a bad image is an error row, never an exception.
+    """
+    from dense.images import ImageError, save_png
+
+    row = {"input": name, "outputs": [], "status": "ok", "error": None, "classes": None}
+    try:
+        decoded = source if isinstance(source, DecodedImage) else read_image(source)
+    except (ImageError, OSError) as err:
+        return {**row, "status": "error", "error": str(err)}
+    result = predict(model, decoded.rgb)
+    stem = Path(name).stem
+    (out_dir / f"{stem}_mask.png").write_bytes(palette_png(result))
+    save_png(overlay(decoded.rgb, result, options["opacity"], decoded.alpha),
+             out_dir / f"{stem}_overlay.png")
+    return {**row, "outputs": [f"{stem}_mask.png", f"{stem}_overlay.png"],
+            "classes": legend(result)}
+
+
+def _predict(args: argparse.Namespace) -> int:
+    if getattr(args, "engine", "serial") == "ray":
+        from dense.batch import run_ray
+
+        return run_ray("seg", args)
+    from tqdm import tqdm
+
+    options = predict_options(args)
+    model = load_for_predict(options)
     args.out.mkdir(parents=True, exist_ok=True)
+    images = [Path(p) for p in args.images]
     failed = 0
-    for path in tqdm(args.images, desc=f"segmenting with {args.model}", unit="image"):
-        try:
-            decoded = read_image(path)
-        except ImageError as err:
-            tqdm.write(f"error: {path}: {err}", file=sys.stderr)
+    for path in tqdm(images, desc=f"segmenting with {args.model}", unit="image"):
+        row = predict_one(model, path, path.name, args.out, options)
+        if row["status"] != "ok":
+            tqdm.write(f"error: {path}: {row['error']}", file=sys.stderr)
             failed += 1
             continue
-        result = predict(model, decoded.rgb)
-        (args.out / f"{path.stem}_mask.png").write_bytes(palette_png(result))
-        save_png(overlay(decoded.rgb, result, args.opacity, decoded.alpha),
-                 args.out / f"{path.stem}_overlay.png")
         if args.legend:
-            tqdm.write(json.dumps({"image": str(path), "classes": legend(result)}))
-    print(f"wrote {len(args.images) - failed} masks and overlays to {args.out}"
+            tqdm.write(json.dumps({"image": str(path), "classes": row["classes"]}))
+    print(f"wrote {len(images) - failed} masks and overlays to {args.out}"
           + (f"; {failed} image(s) failed" if failed else ""))
     return 1 if failed else 0
 
 
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    from dense.batch import add_engine_arguments
+
     p = subparsers.add_parser("seg", help="masks (palette PNG) and overlays for images")
-    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("images", nargs="+", type=str,
+                   help="image files (with --engine ray also folders and s3://... URIs)")
     p.add_argument("--model", default="everyday",
                    help="a segmentation model id (default everyday: scenes and objects)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--opacity", type=float, default=0.5)
     p.add_argument("--legend", action="store_true", help="print each image's class shares")
     p.add_argument("--device", default="auto")
+    add_engine_arguments(p)
     p.set_defaults(func=_predict)
 
 
