@@ -7,14 +7,17 @@ folder with ``dense.zoo.save_folder``. Running a converter twice gives identical
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import torch
 
 from dense.zoo import weights_dir
 
@@ -48,6 +51,18 @@ CONVERTERS: dict[str, str] = {
     "movenet-multipose": "dense.ports.convert_movenet:convert_movenet",
     "movenet-lightning": "dense.ports.convert_movenet:convert_movenet",
 }
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Pin torch's thread count while a converter measures its port, so the numbers recorded in
+    the folder do not depend on the host."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def fetch_pypi(requirement: str, scratch: Path) -> Path:

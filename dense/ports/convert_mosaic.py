@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from dense.convert import torch_threads
 from dense.data import UPSTREAM_SHA256, data_root, upstream_file
 from dense.ports.mosaic import COLORS, INPUT_SIZE, LABELS, MosaicSegmenter, scores_graph
 from dense.ports.tflite_reader import read_tflite
@@ -218,7 +219,7 @@ def convert_mosaic(out_dir: Path, scratch: Path) -> Path:
     out_dir = Path(out_dir)
     path = upstream_file(UPSTREAM)
     model, arch_args, state = build_port(path)
-    with _threads(2):
+    with torch_threads(2):
         results = compare(model, path)
     config = {
         "id": out_dir.name,
@@ -240,20 +241,6 @@ def convert_mosaic(out_dir: Path, scratch: Path) -> Path:
         },
     }
     return save_folder(out_dir, state, config, model_card(config, results))
-
-
-class _threads:
-    """Pin torch's thread count while measuring."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self) -> None:
-        self.previous = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.previous)
 
 
 def model_card(config: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
@@ -373,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     path = upstream_file(UPSTREAM)
     model, _, _ = build_port(path)
-    with _threads(2):
+    with torch_threads(2):
         results = compare(model, path, args.photos or None)
     for name, photos in results.items():
         for photo, r in photos.items():

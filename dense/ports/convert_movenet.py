@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 
+from dense.convert import torch_threads
 from dense.data import UPSTREAM_SHA256, data_root, upstream_file
 from dense.ports.movenet import (
     MoveNetMultiPose,
@@ -229,7 +230,7 @@ def convert_movenet(out_dir: Path, scratch: Path) -> Path:
         raise SystemExit(f"no MoveNet source for '{model_id}' (known: {', '.join(SOURCES)})")
     source = SOURCES[model_id]
     model, arch_args, state = build_port(model_id)
-    with _threads(2):
+    with torch_threads(2):
         results = compare(model_id, model)
     recorded = recorded_outputs()
     if model_id == "movenet-multipose":
@@ -266,20 +267,6 @@ def convert_movenet(out_dir: Path, scratch: Path) -> Path:
         },
     }
     return save_folder(out_dir, state, config, model_card(model_id, config, results))
-
-
-class _threads:
-    """Pin torch's thread count while measuring."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self) -> None:
-        self.previous = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +416,7 @@ def main() -> None:
     args = parser.parse_args()
     for model_id in [args.model] if args.model else list(SOURCES):
         model = build_port(model_id)[0]
-        with _threads(2):
+        with torch_threads(2):
             for key, r in compare(model_id, model).items():
                 print(model_id, key, {k: float(f"{v:.3g}") for k, v in r.items()})
 

@@ -23,7 +23,7 @@ boxes. Both need the data folder (``DENSE_DATA``) and ncnn / pycocotools; withou
 folder records the fidelity against the stored fixture only.
 
     python -m dense.ports.convert_tinypose --fixtures      # rebuild tests/fixtures/tinypose
-    python -m dense.ports.convert_tinypose --measure       # per-crop table, AP, latencies
+    python -m dense.ports.convert_tinypose --measure       # per-crop table, AP
     dense convert tinypose-256x192 tinypose-128x96          # the model folders
 
 The code is in three modules: :mod:`dense.ports.source_tinypose` (the sources, the constants
@@ -47,7 +47,6 @@ from dense.ports.fidelity_tinypose import (
     coco_results,
     evaluate_coco_sample,
     fidelity,
-    latencies,
     make_fixture,
     measure,
     read_fixture,
@@ -204,7 +203,8 @@ in the fp32 module.
 Reproduce: `pytest tests/test_ports_tinypose.py` (against ncnn's maps stored in
 `tests/fixtures/tinypose/`), `pytest -m runtime tests/test_ports_tinypose.py` to run ncnn live
 (requirements-runtimes.txt), `python -m dense.ports.convert_tinypose --measure` for the
-per-crop table, the coco_sample AP and latencies.
+per-crop table and the coco_sample AP; `dense bench tinypose-256x192 --peers` for
+latency beside ncnn.
 """
 
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fixtures", action="store_true",
                         help="regenerate tests/fixtures/tinypose with ncnn")
     parser.add_argument("--measure", action="store_true",
-                        help="print per-crop differences, coco_sample AP and latencies")
+                        help="print per-crop differences and the coco_sample AP")
     parser.add_argument("ids", nargs="*", help=f"model ids (default: {', '.join(SOURCES)})")
     args = parser.parse_args(argv)
     ids = args.ids or list(SOURCES)
@@ -256,8 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             if data is not None:
                 for kind, ap in evaluate_coco_sample(model, source.size, data).items():
                     print(f"  coco_sample AP ({kind}): {_fmt_ap(ap)}")
-            print("  latency ms (batch 1, median): " + ", ".join(
-                f"{k} {v:.1f}" for k, v in latencies(model, source).items()))
+        print("latency against ncnn: dense bench tinypose-256x192 tinypose-128x96 --peers")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ rewrites ``tests/fixtures/yolox/`` (onnxruntime's output on two crops of example
 
     python -m dense.ports.convert_yolox --fixtures
     dense convert yolox-nano            # the model folder
-    python -m dense.ports.convert_yolox --bench   # latency on this CPU
+    dense bench yolox-nano --peers                # latency beside onnxruntime on the file
 
 The code is in three modules: :mod:`dense.ports.source_yolox` (the source file, the constants
 and the weights), :mod:`dense.ports.fidelity_yolox` (fixtures, fidelity and latency
@@ -37,7 +37,6 @@ from typing import Any
 import torch
 
 from dense.ports.fidelity_yolox import (
-    benchmark,
     compare_with_fixture,
     differences,
     export_session,
@@ -278,7 +277,7 @@ every anchor's box and person columns of the first, 96 anchors with all 85 colum
 and the decoded people); `pytest -m runtime tests/test_ports_yolox.py` runs onnxruntime on the
 original file live, and our ONNX export. The tables come from
 `python -m dense.ports.convert_yolox --fixtures` (writes `tests/fixtures/yolox/`), this folder
-from `dense convert {MODEL_ID}`, latencies from `python -m dense.ports.convert_yolox --bench`.
+from `dense convert {MODEL_ID}`, latencies from `dense bench yolox-nano --peers`.
 """
 
 
@@ -306,17 +305,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fixtures", action="store_true",
                         help="run onnxruntime on the original file: rewrite tests/fixtures/yolox")
-    parser.add_argument("--bench", action="store_true", help="measure latency on this CPU")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    if not (args.fixtures or args.bench):
-        parser.error("nothing to do: pass --fixtures or --bench (the model folder is built by "
-                     "`dense convert yolox-nano`)")
+    if not args.fixtures:
+        parser.error("nothing to do: pass --fixtures (the model folder is built by "
+                     "`dense convert yolox-nano`; latency: `dense bench yolox-nano --peers`)")
     torch.set_num_threads(args.threads)
-    if args.fixtures:
-        write_fixtures()
-    if args.bench:
-        print(json.dumps(benchmark(args.threads), indent=2))
+    write_fixtures()
 
 
 if __name__ == "__main__":

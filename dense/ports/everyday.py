@@ -71,8 +71,7 @@ class Everyday(nn.Module):
         n, _, h, w = p_scene.shape
         union = torch.empty((n, self.num_classes, h, w), dtype=p_scene.dtype)
         scene = union[:, :SCENE_CLASSES]
-        torch.mul(p_scene, p_objects[:, :1], out=scene) if n == 1 else \
-            scene.copy_(p_scene * p_objects[:, :1])
+        torch.mul(p_scene, p_objects[:, :1], out=scene)
         for voc, ade in VOC_TO_ADE.items():
             scene[:, ade] += p_objects[:, voc]
         union[:, SCENE_CLASSES:] = p_objects.index_select(1, self.extra)

@@ -9,8 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,42 +278,6 @@ def write_fixtures(ids: list[str]) -> None:
         source = SOURCES[model_id]
         np.savez_compressed(source.fixture, **make_fixture(source))
         print(f"wrote {source.fixture} ({source.fixture.stat().st_size // 1024} KiB)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Latency
-
-
-def median_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
-
-
-def latencies(model: nn.Module, source: Source, runs: int = 20) -> dict[str, float]:
-    """Batch-1 medians in ms on this CPU at ``THREADS`` threads: our module eager and in
-    channels_last, and ncnn on the original files (default options)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        x = torch.rand(1, 3, *source.size, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            eager = median_ms(lambda: model(x), runs)
-            last = model.to(memory_format=torch.channels_last)
-            x_last = x.contiguous(memory_format=torch.channels_last)
-            channels_last = median_ms(lambda: last(x_last), runs)
-            model.to(memory_format=torch.contiguous_format)
-        net = ncnn_net(*upstream_paths(source))
-        chw = np.ascontiguousarray(x[0].numpy())
-        return {"eager": eager, "channels_last": channels_last,
-                "ncnn": median_ms(lambda: ncnn_run(net, chw), runs)}
-    finally:
-        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------

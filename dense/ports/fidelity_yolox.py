@@ -6,11 +6,7 @@ measurements on real photos that the model card reports, and latency.
 from __future__ import annotations
 
 import json
-import platform
-import statistics
-import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +23,6 @@ from dense.ports.source_yolox import (
     FIXTURE_CROPS,
     FIXTURE_FILE,
     FIXTURES,
-    INPUT_NAME,
     MODEL_ID,
     PROBABILITY_TOLERANCE,
     SAMPLED_ANCHORS,
@@ -320,69 +315,3 @@ def read_fidelity() -> dict[str, Any]:
         raise FileNotFoundError(f"{FIDELITY} is missing; rebuild it with `python -m "
                                 "dense.ports.convert_yolox --fixtures`")
     return json.loads(FIDELITY.read_text(encoding="utf-8"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Latency
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def median_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
-
-
-def benchmark(threads: int = 2, runs: int = 20) -> dict[str, Any]:
-    """Median latency of one 416×416 image: our eager module (contiguous and channels_last),
-    onnxruntime on the original file, OpenVINO on our export, all with ``threads`` threads."""
-    import openvino as ov
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        model, _ = build_port()
-        x = letterbox(load_photo(EXAMPLES / "astronaut.png"), SIZE)[0]
-        last = YOLOX(**ARCH_ARGS).eval()
-        last.load_state_dict(model.state_dict())
-        last = last.to(memory_format=torch.channels_last)
-        x_last = x.to(memory_format=torch.channels_last)
-        reference = reference_session(threads=threads)
-        feed = {INPUT_NAME: reference_input(x)}
-        result: dict[str, Any] = {"cpu": cpu_name(), "threads": threads, "runs": runs,
-                                  "torch": torch.__version__}
-        with torch.inference_mode():
-            result["torch_eager_ms"] = median_ms(lambda: model(x), runs)
-            result["torch_channels_last_ms"] = median_ms(lambda: last(x_last), runs)
-        result["onnxruntime_original_ms"] = median_ms(lambda: reference.run(None, feed), runs)
-        with tempfile.TemporaryDirectory(prefix="dense-yolox-") as tmp:
-            session, path = export_session(model, Path(tmp), threads)
-            feed_ours = {"image": x.numpy()}
-            result["onnxruntime_our_export_ms"] = median_ms(lambda: session.run(None, feed_ours),
-                                                            runs)
-            compiled = ov.Core().compile_model(
-                str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                   "INFERENCE_PRECISION_HINT": "f32"})
-            request = compiled.create_infer_request()
-            result["openvino_our_export_ms"] = median_ms(lambda: request.infer([x.numpy()]),
-                                                         runs)
-            out = request.infer([x.numpy()])[compiled.output(0)]
-            result["openvino_vs_eager"] = differences(out, run_port(model, x))
-    finally:
-        torch.set_num_threads(previous)
-    return result

@@ -152,10 +152,9 @@ class MoveNet:
             out = _to_cpu(_run(self.model, x))
             keypoints, boxes, scores = out["keypoints"][0], out["boxes"][0], out["scores"][0]
         else:  # the single-person model sees the frame squashed to 192×192
-            small = cv2.resize(rgb, (192, 192), interpolation=cv2.INTER_AREA)
-            x = torch.from_numpy(small).permute(2, 0, 1)[None].float() / 255
+            x = movenet.lightning_input(rgb)
             keypoints = _to_cpu(_run(self.model, x))
-            sx, sy = w / 192, h / 192
+            sx, sy = w / x.shape[-1], h / x.shape[-2]
             visible = keypoints[..., :2]
             boxes = torch.cat([visible.min(1).values, visible.max(1).values], dim=1)
             scores = keypoints[..., 2].mean(1)

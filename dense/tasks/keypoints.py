@@ -266,23 +266,6 @@ def keypoint_results(model: nn.Module, coco: dict, people: list[Person],
     return results
 
 
-def blazepose_results(model_id: str, coco: dict, images_dir: Path,
-                      max_people: int = 20) -> list[dict]:
-    """BlazePose (detector + landmarks, on the whole photo), COCO-17 subset, as COCO results."""
-    from dense.tasks import pose as pt
-
-    estimator = pt.PoseEstimator.load(model_id, device="cpu")
-    results = []
-    for image in coco["images"]:
-        rgb = read_image(Path(images_dir) / image["file_name"]).rgb
-        for person in estimator.estimate(rgb, max_people):
-            points = pt.keypoints(person, pt.COCO17)
-            results.append({"image_id": image["id"], "category_id": 1,
-                            "keypoints": points.ravel().round(2).tolist(),
-                            "score": float(person.score)})
-    return results
-
-
 # ---------------------------------------------------------------------------------------------
 # Training
 
@@ -407,26 +390,19 @@ def _eval(args: argparse.Namespace) -> int:
     from dense.zoo import load, read_config, resolve
 
     coco, people = read_coco(args.coco)
-    if args.model in group_pose.PIPELINES:  # a whole pipeline: its own detector
+    if args.model in group_pose.PIPELINES:  # a whole pipeline (BlazePose too): own detector
         pipeline = group_pose.load_pipeline(args.model, lambda n: load(n, device=args.device))
-        metrics = oks_ap(coco, group_pose.coco_results(pipeline, coco, args.images))
-        for name, value in metrics.items():
-            print(f"{name:10} {value:.4f}")
-        print(json.dumps({"model": args.model, "people": len(people), "boxes": "own detector",
-                          **metrics}))
-        return 0
-    config = read_config(resolve(args.model), args.model)
-    if config["architecture"] == "tinypose":  # its own crop and DARK decoding, on GT boxes
+        results = group_pose.coco_results(pipeline, coco, args.images)
+        boxes = "own detector"
+    elif read_config(resolve(args.model), args.model)["architecture"] == "tinypose":
+        # its own crop and DARK decoding, on the annotated boxes
         model = load(args.model, device=args.device)
         results = group_pose.ground_truth_box_results(model, people, args.images)
         boxes = "ground truth"
-    elif config["task"] == "keypoints":
+    else:  # our keypoint U-Nets, on the annotated boxes
         model = load(args.model, device=args.device)
         results = keypoint_results(model, coco, people, args.images)
         boxes = "ground truth"
-    else:  # BlazePose: its own detector finds the people in the whole photo
-        results = blazepose_results(args.model, coco, args.images)
-        boxes = "own detector"
     metrics = oks_ap(coco, results)
     for name, value in metrics.items():
         print(f"{name:10} {value:.4f}")

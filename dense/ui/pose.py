@@ -158,8 +158,7 @@ def render_confidence(result: PhotoResult | None, joint: str) -> np.ndarray | No
         return pt.overlay_confidence(result.rgb,
                                      pt.confidence_map(result.poses, result.rgb.shape, row))
     # TinyPose's 17 maps per person (MoveNet gives none: its overlay stays clear).
-    index = None if joint in (None, ALL_JOINTS) else pt.COCO17.names.index(joint) \
-        if joint in pt.COCO17.names else None
+    index = pt.COCO17.names.index(joint) if joint in pt.COCO17.names else None
     return pt.overlay_confidence(result.rgb,
                                  gp.confidence_map(result.people or [], result.rgb.shape, index))
 
