@@ -38,7 +38,6 @@ TASK_MODULES = {"seg": "dense.tasks.segmentation", "pose": "dense.tasks.group_po
 # Reads wait on storage, not on a core, and ask for none: asking even a fraction deadlocks a
 # machine whose CPUs all went to model workers (2 on 2 CPUs: the actors hold both).
 READ_CPUS = 0
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,6 +91,8 @@ def list_inputs(sources: list[str], byte_limit: int
     suffixes), grouped by filesystem: {prefix: (filesystem, [paths])}; and the error rows of
     sources that do not exist or exceed the file size limit (refused before reading them)."""
     from pyarrow import fs
+
+    from dense.images import IMAGE_SUFFIXES
 
     groups: dict[str, tuple[Any, list[str]]] = {}
     errors: list[dict] = []

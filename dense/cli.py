@@ -23,7 +23,7 @@ TASK_MODULES = (
     "dense.tasks.restoration",
     "dense.tasks.group_pose",
     "dense.tasks.keypoints",
-    "dense.export",
+    "dense.serve.export",
 )
 
 
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a fresh process from start to first result")
     p.set_defaults(func=_bench)
 
+    from dense.serve.measure import add_backends_parser
+
+    add_backends_parser(sub)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Where training and benchmark data live: ``DENSE_DATA``, else ``../shared/data``."""
+"""Where things live: training and benchmark data (``DENSE_DATA``, else ``../shared/data``), the
+upstream source files, and this machine's package cache."""
 
 from __future__ import annotations
 
@@ -7,6 +8,14 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout (dense.zoo re-exports it)
+
+
+def package_cache() -> Path:
+    """Where this machine keeps what it can rebuild: source packages of the peers and
+    converters, ONNX exports, measured backend choices (``DENSE_PACKAGE_CACHE``, else
+    ``~/.cache/dense``). Here, at the bottom of the package, so that the serving layer and the
+    bench both find it without importing each other."""
+    return Path(os.environ.get("DENSE_PACKAGE_CACHE", Path.home() / ".cache" / "dense"))
 
 
 def data_root() -> Path | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from PIL import ExifTags, Image, ImageOps, features
 
 try:
@@ -41,12 +42,8 @@ MAX_PIXELS: int = 50_000_000
 MAX_FILE_BYTES: int = 50_000_000
 """Default file size limit in bytes; ``DENSE_MAX_FILE_BYTES`` overrides it, read at call time."""
 
-MIN_SIDE: int = 32
-"""Smallest side the U-Nets here handle without trouble (five stride-2 stages: 2**5).
-
-Decoding accepts any size down to 1×1; callers whose model needs more pad with
-:func:`ensure_min_size` and crop the result back.
-"""
+# File name endings that folder-reading commands take as photos (all decoded by read_image).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 # Formats we let Pillow try (JPEG covers MPO, the multi-picture JPEG of many cameras and
 # phones). The rest are refused on purpose: EPS runs Ghostscript, TGA has
@@ -366,38 +363,6 @@ def _from_array(a: np.ndarray, limit: int) -> DecodedImage:
     return DecodedImage(rgb, alpha, mode, False)
 
 
-def composite_alpha(
-    rgb: np.ndarray, alpha: np.ndarray | None, background: tuple[int, int, int] = (255, 255, 255)
-) -> np.ndarray:
-    """Blend ``rgb`` over a solid ``background`` by ``alpha`` (models take opaque RGB).
-
-    Returns a new H×W×3 uint8 array; with ``alpha`` None, a copy of ``rgb``.
-    """
-    if alpha is None:
-        return rgb.copy()
-    if alpha.shape != rgb.shape[:2]:
-        raise ValueError(f"alpha shape {alpha.shape} does not match image {rgb.shape[:2]}")
-    a = alpha[..., None].astype(np.uint32)
-    bg = np.asarray(background, dtype=np.uint32)
-    # Integer blend rounded to nearest: exact at a = 0 and a = 255.
-    return ((rgb * a + bg * (255 - a) + 127) // 255).astype(np.uint8)
-
-
-def ensure_min_size(rgb: np.ndarray, min_side: int = MIN_SIDE) -> np.ndarray:
-    """Pad at the bottom and right, repeating the edge pixels, so both sides are ≥ ``min_side``.
-
-    Padding at the far edges keeps pixel coordinates unchanged, so a caller crops the model's
-    output back with ``[:h, :w]`` (and keypoints need no shift). Returns ``rgb`` itself when it
-    is already large enough.
-    """
-    h, w = rgb.shape[:2]
-    pad_h, pad_w = max(0, min_side - h), max(0, min_side - w)
-    if not pad_h and not pad_w:
-        return rgb
-    pads = [(0, pad_h), (0, pad_w)] + [(0, 0)] * (rgb.ndim - 2)
-    return np.pad(rgb, pads, mode="edge")
-
-
 def encode_png(array: np.ndarray) -> bytes:
     """Lossless PNG bytes for an H×W (grey), H×W×3 (RGB) or H×W×4 (RGBA) uint8/uint16 array."""
     if array.dtype not in (np.uint8, np.uint16):
@@ -420,3 +385,10 @@ def save_png(array: np.ndarray, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.write_bytes(encode_png(array))
     return path
+
+
+def to_tensor(rgb: np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
+    """H×W×C uint8 (RGB) → 1×C×H×W float32 in [0, 1], the layout and range every model here
+    takes; on ``device`` when given. The one place this conversion is written."""
+    tensor = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255
+    return tensor.to(device) if device is not None else tensor

@@ -19,17 +19,15 @@ and the median seed's run to ``weights/lab-x4-<upsampler>/`` with its row in the
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import json
 import math
 import statistics
 import time
-import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,26 +35,34 @@ from torch import nn
 
 from dense import zoo
 from dense.bench import count_flops as bench_flops
-from dense.data import require_data
-from dense.devices import model_device
+from dense.bench import time_model
+from dense.cards import model_card as card_template
+from dense.config import LabConfig
+from dense.config import load as load_config
+from dense.data import REPO_ROOT, require_data
+from dense.images import read_image
 from dense.nn.unet import UNet
 from dense.nn.upsample import UPSAMPLERS as UPSAMPLER_MODULES
+from dense.serve.devices import model_device
 from dense.tasks.restoration import (
     BicubicUpscaler,
-    degrade_sr,
     evaluate_sr,
     mod_crop,
+    pair_batches,
     psnr_y,
     restore,
+    sr_pair,
+    sr_pairs,
+    training_pairs,
 )
 from dense.train import epochs_done as train_epochs_done
 from dense.train import fit
 
-BASE_CONFIG = zoo.REPO_ROOT / "configs" / "lab" / "base.toml"
+BASE_CONFIG = REPO_ROOT / "configs" / "lab" / "base.toml"
 UPSAMPLERS: tuple[str, ...] = tuple(UPSAMPLER_MODULES)  # nearest … pixelshuffle_icnr
 BENCH_SETS = ("Set5", "Set14", "B100")
 BENCH_SIZE = (256, 256)  # input size for FLOPs and latency (output 1024×1024 at ×4)
-DOC = zoo.REPO_ROOT / "docs" / "lab.md"
+DOC = REPO_ROOT / "docs" / "lab.md"
 TABLE_START, TABLE_END = "<!-- lab-table:start -->", "<!-- lab-table:end -->"
 
 
@@ -75,105 +81,38 @@ def _check_upsampler(upsampler: str) -> None:
         raise ValueError(f"Unknown upsampler '{upsampler}'; choose from {', '.join(UPSAMPLERS)}")
 
 
-def base_config(path: Path = BASE_CONFIG) -> dict[str, Any]:
-    """The shared recipe (``configs/lab/base.toml``) as a dict."""
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+def base_config(path: Path = BASE_CONFIG) -> LabConfig:
+    """The shared recipe (``configs/lab/base.toml``), read strictly."""
+    return load_config(LabConfig, path)
 
 
-def lab_config(upsampler: str, base: dict[str, Any] | None = None) -> dict[str, Any]:
+def lab_config(upsampler: str, base: LabConfig | None = None) -> LabConfig:
     """The full recipe of one lab model: the base config with ``model.upsampler`` set."""
     _check_upsampler(upsampler)
-    config = copy.deepcopy(base if base is not None else base_config())
-    config["id"] = model_id(upsampler)
-    config["model"]["upsampler"] = upsampler
-    return config
+    base = base if base is not None else base_config()
+    return dataclasses.replace(base, id=model_id(upsampler),
+                               model={**base.model, "upsampler": upsampler})
 
 
-def arch_args(config: dict[str, Any]) -> dict[str, Any]:
+def arch_args(config: LabConfig) -> dict[str, Any]:
     """``UNet`` keyword arguments of a lab config (what the zoo's ``config.json`` records)."""
-    return {**config["model"], "scale": config["scale"]}
+    return {**config.model, "scale": config.scale}
 
 
-def build_model(upsampler: str, base: dict[str, Any] | None = None) -> UNet:
+def build_model(upsampler: str, base: LabConfig | None = None) -> UNet:
     """The untrained lab model for ``upsampler`` (``.config`` holds the scale, for restore)."""
     config = lab_config(upsampler, base)
     model = UNet(**arch_args(config))
-    model.config = {"id": config["id"], "scale": config["scale"], "architecture": "unet"}
+    model.config = {"id": config.id, "scale": config.scale, "architecture": "unet"}
     return model
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: LR/HR pairs made once with MATLAB-style bicubic, random aligned patches per step
+# Data: LR/HR pairs made once with MATLAB-style bicubic (dense.tasks.restoration.data)
 
 
 def to_float(rgb: np.ndarray) -> np.ndarray:
     return rgb.astype(np.float32) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float32)
-
-
-def degrade(hr: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
-    """(HR cropped to a multiple of ``scale``, its MATLAB-bicubic ÷scale LR), both uint8 RGB.
-
-    The benchmarks' LR images were made this way, so training and the tab's "degrade first"
-    use the same degradation.
-    """
-    hr = np.ascontiguousarray(mod_crop(hr, scale))
-    return hr, degrade_sr(hr, scale)
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise FileNotFoundError(f"cannot read image {path}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-
-
-def training_pairs(root: Path, scale: int, patch: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(LR, HR) uint8 pairs of every training image whose LR is at least one patch big.
-
-    Whole images are degraded once and patches cut from both at aligned positions (rather
-    than degrading each HR patch, as ``restoration.sr_batch`` does): the LR is then exactly
-    what the benchmarks' protocol makes, with no mirrored patch borders, and a step costs no
-    resizing.
-    """
-    pairs = []
-    for path in image_files(root):
-        hr, lr = degrade(read_rgb(path), scale)
-        if min(lr.shape[:2]) >= patch:
-            pairs.append((lr, hr))
-    if not pairs:
-        raise FileNotFoundError(f"no training images of at least {patch * scale} px in {root}")
-    return pairs
-
-
-def patch_batches(pairs: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator,
-                  steps: int, batch_size: int, patch: int, scale: int
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``steps`` batches of aligned random LR/HR patches with random flips and 90° turns."""
-    for _ in range(steps):
-        xs, ys = [], []
-        for i in rng.integers(len(pairs), size=batch_size):
-            lr, hr = pairs[i]
-            top = int(rng.integers(lr.shape[0] - patch + 1))
-            left = int(rng.integers(lr.shape[1] - patch + 1))
-            x = lr[top:top + patch, left:left + patch]
-            y = hr[top * scale:(top + patch) * scale, left * scale:(left + patch) * scale]
-            turns, flip = int(rng.integers(4)), bool(rng.integers(2))
-            x, y = np.rot90(x, turns), np.rot90(y, turns)
-            if flip:
-                x, y = x[:, ::-1], y[:, ::-1]
-            xs.append(x)
-            ys.append(y)
-        yield _to_tensor(np.stack(xs)), _to_tensor(np.stack(ys))
-
-
-def _to_tensor(batch: np.ndarray) -> torch.Tensor:
-    """N×H×W×3 uint8 → N×3×H×W float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def benchmark_dir(name: str, scale: int = 4) -> Path:
@@ -184,8 +123,8 @@ def benchmark_dir(name: str, scale: int = 4) -> Path:
 def benchmark_pairs(name: str, scale: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
     """(LR, HR) uint8 pairs of a benchmark set, HR cropped to a multiple of ``scale``."""
     folder = benchmark_dir(name, scale)
-    return [(read_rgb(folder / "lr" / p.name), mod_crop(read_rgb(p), scale))
-            for p in image_files(folder / "hr")]
+    _, hrs, lrs = sr_pairs(folder / "hr", folder / "lr")
+    return [(lr, mod_crop(hr, scale)) for hr, lr in zip(hrs, lrs, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,40 +197,32 @@ def count_flops(model: nn.Module, size: tuple[int, int] = BENCH_SIZE) -> int:
     return bench_flops(model, size)
 
 
-@torch.inference_mode()
 def cpu_latency_ms(model: nn.Module, size: tuple[int, int] = BENCH_SIZE, runs: int = 5,
                    threads: int | None = None) -> float:
-    """Median wall time (ms) of one forward pass on CPU for a 1×3×H×W input."""
+    """Median wall time (ms) of one forward pass on CPU for a 1×3×H×W input
+    (``dense.bench.time_model``), with ``threads`` CPU threads when given."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        model = model.cpu().eval()
-        x = torch.rand(1, 3, *size)
-        model(x)  # warm-up: first call allocates
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - started)
+        return time_model(model.cpu().eval(), torch.rand(1, 3, *size), runs, 1)["median_ms"]
     finally:
         torch.set_num_threads(previous)
-    return 1000.0 * statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------
 # Training
 
 
-def run_dir(seed: int, upsampler: str, base: dict[str, Any] | None = None) -> Path:
+def run_dir(seed: int, upsampler: str, base: LabConfig | None = None) -> Path:
     base = base if base is not None else base_config()
-    return zoo.REPO_ROOT / base["runs"] / f"seed{seed}" / upsampler
+    return REPO_ROOT / base.runs / f"seed{seed}" / upsampler
 
 
-def is_trained(seed: int, upsampler: str, base: dict[str, Any] | None = None) -> bool:
+def is_trained(seed: int, upsampler: str, base: LabConfig | None = None) -> bool:
     """True when the run finished all its epochs."""
     base = base if base is not None else base_config()
-    epochs = base["train"]["steps"] // base["train"]["steps_per_epoch"]
+    epochs = base.train.steps // base.train.steps_per_epoch
     return train_epochs_done(run_dir(seed, upsampler, base)) >= epochs
 
 
@@ -305,20 +236,21 @@ def train_lab(seed: int, upsampler: str, *, steps: int | None = None,
     """
     base = base_config()
     config = lab_config(upsampler, base)
-    train = config["train"]
-    steps = steps or train["steps"]
-    steps_per_epoch = min(train["steps_per_epoch"], steps)
-    scale, patch = config["scale"], train["patch"]
+    train = config.train
+    steps = steps or train.steps
+    steps_per_epoch = min(train.steps_per_epoch, steps)
+    scale, patch = config.scale, train.patch
     folder = out_dir or run_dir(seed, upsampler, base)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({**config, "seed": seed, "steps": steps},
-                                                   indent=2))
+    run_config = dataclasses.replace(config, seed=seed, steps=steps)
+    (folder / "config.json").write_text(json.dumps(run_config.to_dict(), indent=2))
     # Threads change only the speed (and float summation order), not the recipe.
-    torch.set_num_threads(threads or train["threads"])
+    if threads or train.threads:
+        torch.set_num_threads(threads or train.threads)
     # The initial weights: the encoder is built first, so it starts identical in all five.
     torch.manual_seed(seed)
     model = build_model(upsampler, base)
-    pairs = training_pairs(require_data(config["data"]), scale, patch)
+    pairs = training_pairs(require_data(config.data), scale, patch)
     validation = benchmark_pairs("Set5", scale)
     epochs_done = train_epochs_done(folder)
 
@@ -328,7 +260,7 @@ def train_lab(seed: int, upsampler: str, *, steps: int | None = None,
         nonlocal epochs_done
         epochs_done += 1
         rng = np.random.default_rng([seed, epochs_done])
-        return patch_batches(pairs, rng, steps_per_epoch, train["batch_size"], patch, scale)
+        return pair_batches(pairs, rng, steps_per_epoch, train.batch_size, patch, scale)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         lrs, hrs = zip(*validation, strict=True)
@@ -337,8 +269,8 @@ def train_lab(seed: int, upsampler: str, *, steps: int | None = None,
 
     losses = {"l1": F.l1_loss, "l2": F.mse_loss}
     started = time.time()
-    fit(model, batches, losses[train["loss"]], evaluate, folder, epochs=steps // steps_per_epoch,
-        steps_per_epoch=steps_per_epoch, lr=train["lr"], weight_decay=train["weight_decay"],
+    fit(model, batches, losses[train.loss], evaluate, folder, epochs=steps // steps_per_epoch,
+        steps_per_epoch=steps_per_epoch, lr=train.lr, weight_decay=train.weight_decay,
         monitor="psnr_set5", log=log)
     log(f"{model_id(upsampler)} seed {seed}: {time.time() - started:.0f} s in this call "
         f"({folder})")
@@ -435,15 +367,17 @@ def pretrained_checkerboard(photo: Path | None = None, crop: int = 192) -> list[
     ``grey_ripple`` on flat grey, and ``stride_energy_vs_hr`` on a real photo (a centre crop of
     ``crop`` px, degraded with MATLAB bicubic and restored). Bicubic is the reference row.
     """
-    photo = photo or zoo.REPO_ROOT / "examples" / "astronaut.png"
-    rgb = read_rgb(photo)
+    from dense.serve import cached_load
+
+    photo = photo or REPO_ROOT / "examples" / "astronaut.png"
+    rgb = read_image(photo).rgb
     top, left = (rgb.shape[0] - crop) // 2, (rgb.shape[1] - crop) // 2
     rgb = rgb[top:top + crop, left:left + crop]
     rows = []
-    for name, method in PRETRAINED:
-        model = BicubicUpscaler(4) if name == "bicubic" else zoo.cached_load(name, device="cpu")
+    for name, method in (("bicubic", "bicubic interpolation"), *PRETRAINED):
+        model = BicubicUpscaler(4) if name == "bicubic" else cached_load(name, device="cpu")
         scale = model.config["scale"]
-        hr, lr = degrade(rgb, scale)
+        hr, lr = sr_pair(rgb, scale)
         sr = restore(model, lr)
         rows.append({"model": name, "upsampling": method, "scale": scale,
                      "grey_ripple": round(grey_ripple(model, scale), 3),
@@ -452,8 +386,9 @@ def pretrained_checkerboard(photo: Path | None = None, crop: int = 192) -> list[
     return rows
 
 
-PRETRAINED = (("bicubic", "bicubic interpolation"),
-              ("realesrgan-x4plus", "nearest + conv"),
+# The bundled ports that embody each learned upsampling method (id, how it upsamples): the
+# tab shows them beside the lab models, the bench measures their checkerboard.
+PRETRAINED = (("realesrgan-x4plus", "nearest + conv"),
               ("waifu2x-photo-x2", "transposed conv (4×4, stride 2)"),
               ("realesr-animevideov3", "pixel shuffle"))
 
@@ -466,63 +401,39 @@ def pretrained_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def model_card(upsampler: str, config: dict[str, Any], row: dict[str, Any],
+def model_card(upsampler: str, config: LabConfig, row: dict[str, Any],
                spread: dict[str, Any] | None, steps: int) -> str:
-    """The exported model's README: what it is, how it was trained, and its measured row."""
+    """The exported model's card (``dense.cards``): what it is, how it was trained, and its
+    measured row."""
     measured = markdown_table([{**row, "model": model_id(upsampler), "seeds": [row["seed"]]}])
-    spread_text = ""
     if spread is not None and len(spread["seeds"]) > 1:
-        spread_text = (f"\nOver seeds {spread['seeds']} (same recipe), mean ± half-spread:\n\n"
-                       f"{markdown_table([spread])}\n")
-    train = config["train"]
-    patch = f"{train['patch']}×{train['patch']}"
-    return f"""---
-license: other
-tags:
-  - super-resolution
-  - upsampling-lab
-library_name: dense
----
-
-# {model_id(upsampler)}
-
-## Task
-
-Super-resolution ×{config['scale']}, trained for the upsampling lab (`docs/lab.md`): one of
-five U-Nets that are identical except for the decoder's upsampling module, here
-`{upsampler}` (`dense.nn.upsample.{UPSAMPLER_MODULES[upsampler].__name__}`). A teaching
-model, not a state-of-the-art one.
-
-## Architecture
-
-`unet` with `arch_args = {json.dumps(arch_args(config))}`.
-A plain encoder, no normalisation; the output is added to the bicubic-upsampled input.
-{row['params']:,} parameters.
-
-## Training
-
-`python -m dense.lab train --upsampler {upsampler} --seed {row['seed']}` with
-`configs/lab/base.toml`: {steps} steps of {train['batch_size']} random {patch} LR patches
-(MATLAB bicubic ÷{config['scale']}, flips, 90° turns) from `{config['data']}`
-(T91 + BSD200); AdamW, lr {train['lr']} with warm-up and cosine decay;
-{train['loss'].upper()} loss; seed {row['seed']}. The final weights are kept.
-
-## Measured (`dense bench lab`)
-
-PSNR/SSIM on Y (BT.601), border {config['scale']}; FLOPs and CPU latency for a 256×256
-input; checkerboard measures as defined in `dense.lab.stride_energy` and `grey_ripple`.
-
-{measured}
-{spread_text}
-## Inputs and outputs
-
-Input N×3×H×W RGB in [0, 1] (any H, W); output N×3×{config['scale']}H×{config['scale']}W,
-not clamped (clamp to [0, 1] for display).
-
-## Licence
-
-Research use: trained here on T91 and BSD200, which are distributed for research.
-"""
+        measured += (f"\n\nOver seeds {spread['seeds']} (same recipe), mean ± half-spread:"
+                     f"\n\n{markdown_table([spread])}")
+    train, scale = config.train, config.scale
+    return card_template(model_id(upsampler), licence="other",
+                         tags=["super-resolution", "upsampling-lab"], sections={
+        "Task": f"super-resolution ×{scale}, trained for the upsampling lab (`docs/lab.md`): one "
+                "of five U-Nets that are identical except for the decoder's upsampling module, "
+                f"here `{upsampler}` (`dense.nn.upsample."
+                f"{UPSAMPLER_MODULES[upsampler].__name__}`). A teaching model, not a "
+                "state-of-the-art one.",
+        "Architecture": f"`unet` with `arch_args = {json.dumps(arch_args(config))}`. A plain "
+                        "encoder, no normalisation; the output is added to the "
+                        f"bicubic-upsampled input. {row['params']:,} parameters.",
+        "Input": "N×3×H×W RGB in [0, 1] (any H, W). **Output:** "
+                 f"N×3×{scale}H×{scale}W, not clamped (clamp to [0, 1] for display).",
+        "Training": f"`python -m dense.lab train --upsampler {upsampler} --seed {row['seed']}` "
+                    f"with `configs/lab/base.toml`: {steps} steps of {train.batch_size} random "
+                    f"{train.patch}×{train.patch} LR patches (MATLAB bicubic ÷{scale}, flips, "
+                    f"90° turns) from `{config.data}` (T91 + BSD200); AdamW, lr {train.lr} "
+                    f"with warm-up and cosine decay; {train.loss.upper()} loss; seed "
+                    f"{row['seed']}. The final weights are kept.",
+        "Measured": f"by `dense bench lab`: PSNR/SSIM on Y (BT.601), border {scale}; FLOPs and "
+                    "CPU latency for a 256×256 input; checkerboard measures as defined in "
+                    "`dense.lab.stride_energy` and `grey_ripple`.",
+        "Licence": "research use: trained here on T91 and BSD200, which are distributed for "
+                   "research.",
+    }, extra=measured)
 
 
 def export_run(upsampler: str, seed: int, row: dict[str, Any],
@@ -536,13 +447,14 @@ def export_run(upsampler: str, seed: int, row: dict[str, Any],
     run = run or run_dir(seed, upsampler)
     model = load_run(run, upsampler)
     # The steps actually run (train_lab records them), in case the recipe changed since.
-    steps = json.loads((run / "config.json").read_text()).get("steps", config["train"]["steps"])
+    steps = json.loads((run / "config.json").read_text()).get("steps", config.train.steps)
     zoo_config = {
         "id": model_id(upsampler), "task": "super-resolution", "architecture": "unet",
-        "arch_args": arch_args(config), "scale": config["scale"],
+        "arch_args": arch_args(config), "scale": config.scale,
         "input": {"layout": "NCHW", "colour": "RGB", "range": [0, 1]},
         "licence": "research use (trained on T91/BSD200)", "upsampling": upsampler,
-        "training": {"recipe": "configs/lab/base.toml", **config["train"], "seed": seed,
+        "training": {"recipe": "configs/lab/base.toml", **dataclasses.asdict(config.train),
+                     "seed": seed,
                      "steps": steps},
         "metrics": {k: v for k, v in row.items() if k not in ("model", "seed", "upsampler")},
     }
@@ -561,9 +473,9 @@ def bench_lab(seeds: list[int], out: Path | None = None, *, train_missing: bool 
     and, with ``export``, the first seed's runs into ``weights/``. Returns the per-run rows.
     """
     base = base_config()
-    out = out or zoo.REPO_ROOT / base["runs"] / "bench"
+    out = out or REPO_ROOT / base.runs / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    scale = base["scale"]
+    scale = base.scale
     rows: list[dict[str, Any]] = []
     for seed in seeds:
         for upsampler in UPSAMPLERS:
@@ -641,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``bench`` (for wiring ``dense bench lab``); see :func:`run_bench`."""
-    parser.add_argument("--seeds", type=int, nargs="*", default=base_config()["seeds"],
+    parser.add_argument("--seeds", type=int, nargs="*", default=base_config().seeds,
                         help="default: the recipe's seeds; none: only the reference rows")
     parser.add_argument("--out", type=Path, default=None, help="default runs/lab/bench")
     parser.add_argument("--no-train", action="store_true", help="measure only finished runs")

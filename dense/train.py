@@ -1,10 +1,14 @@
-"""Training loops: one for supervised tasks, checkpointed every epoch and resumable.
+"""The one training loop (:func:`train_loop`) and its run folder, which every task's training
+uses: the L2 restoration, segmentation and keypoint U-Nets through :func:`fit` (one model, one
+optimiser), the restoration GAN with its own step (k discriminator updates, then one generator
+update).
 
-A run lives in one folder: ``last.pt`` (model, optimiser, schedule, history — resumed from
-automatically), ``best.pt`` (the weights with the best validation score), ``history.json`` and
-``curves.png``. A run killed at any point loses at most the epoch in progress.
+A run lives in one folder: ``config.json``, ``last.pt`` (everything a rerun resumes from:
+models, optimisers, schedule, history), ``best.pt`` (the weights with the best validation
+score), ``history.json`` and ``curves.png``. A run killed at any point loses at most the epoch
+in progress. ``--minutes`` sets the schedule and the stop by wall-clock time (:class:`Clock`).
 
-Under ``torchrun`` the same loops train with DistributedDataParallel (``distributed_setup``):
+Under ``torchrun`` the same loop trains with DistributedDataParallel (``distributed_setup``):
 each process draws its own share of the data, gradients are averaged across them, and rank 0
 alone evaluates and writes the run folder (docs/training-distributed.md).
 """
@@ -20,6 +24,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -27,7 +32,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dense.devices import pick_device
+from dense.config import ConfigError, RunConfig
+from dense.config import load as load_config
+from dense.hardware import pick_device
+
+C = TypeVar("C", bound=RunConfig)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,23 +58,45 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, or auto (CUDA when available; DENSE_DEVICE overrides)")
 
 
-def read_run_config(args: argparse.Namespace) -> tuple[dict, Path | None]:
-    """The config file with the command line's overrides, and the data root (None, after an
-    error line on stderr, when there is none)."""
+def read_run_config(args: argparse.Namespace, cls: type[C]) -> tuple[C, Path | None]:
+    """The config file read strictly as ``cls`` (``dense.config``) with the command line's
+    overrides, and the data root (None, after an error line on stderr, when there is none).
+    An override of 0 (``--lr 0``) is an override, not an absent flag."""
     from dense.data import data_root_or_error
 
-    config = tomllib.loads(args.config.read_text(encoding="utf-8"))
+    raw = tomllib.loads(args.config.read_text(encoding="utf-8"))
+    train = raw.setdefault("train", {})
     for key, value in (("epochs", args.epochs), ("steps_per_epoch", args.steps),
-                       ("threads", args.threads), ("minutes", args.minutes), ("lr", args.lr)):
-        if value:
-            config["train"][key] = value
-    if args.run_dir:
-        config["run_dir"] = str(args.run_dir)
-    config["config_file"] = str(args.config)
-    if args.init:
-        config["train"]["init"] = args.init
-    config["train"]["device"] = str(pick_device(args.device))
+                       ("threads", args.threads), ("minutes", args.minutes), ("lr", args.lr),
+                       ("init", args.init)):
+        if value is not None:
+            train[key] = value
+    if args.run_dir is not None:
+        raw["run_dir"] = str(args.run_dir)
+    raw["config_file"] = str(args.config)
+    train["device"] = str(pick_device(args.device))
+    try:
+        config = load_config(cls, raw)
+    except ConfigError as err:
+        raise SystemExit(f"error: {args.config}: {err}") from None
     return config, data_root_or_error(args.data)
+
+
+def prepare_run(config: RunConfig) -> tuple[Path, torch.device]:
+    """The run setup every task's training starts with: join torchrun's process group (when
+    launched by torchrun; first, so that the data streams made next can be sharded by rank),
+    seed, threads, the run folder, and its ``config.json`` (rank 0). Returns the run folder
+    and this process's device."""
+    train = config.train
+    device = distributed_setup(train.device)
+    torch.manual_seed(train.seed)
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main():
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    return run_dir, device
 
 
 def distributed_setup(device: torch.device | str = "cpu") -> torch.device:
@@ -182,6 +213,138 @@ def cosine(progress: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
+class Clock:
+    """Seconds a run has trained, across resumes (the history's epoch times): what a schedule
+    by ``--minutes`` follows and stops on. Under torchrun rank 0's reading is every rank's,
+    since each rank's own clock would read a slightly different time and a rank that stopped
+    one step early would leave the others waiting in their gradient all-reduce forever."""
+
+    def __init__(self, minutes: float | None, device: torch.device | str = "cpu") -> None:
+        self.budget = minutes * 60 if minutes else None
+        self.device = device
+        self.spent, self.since = 0.0, time.time()
+
+    def resume(self, history: list[dict]) -> None:
+        self.spent = sum(h["seconds"] for h in history)
+
+    def elapsed(self) -> float:
+        return self.spent + time.time() - self.since
+
+    def progress(self) -> float:
+        """Rank 0's fraction of the budget spent (every rank must call this at the same point)."""
+        return broadcast_value(self.elapsed(), self.device) / self.budget
+
+    def up(self) -> bool:
+        """Whether the budget is spent, by rank 0's clock."""
+        return broadcast_stop(self.elapsed() >= self.budget, self.device)
+
+
+def train_loop(
+    run_dir: Path,
+    state: dict[str, Any],
+    step: Callable[[Any], dict[str, float]],
+    batches: Callable[[], Iterable[Any]],
+    evaluate: Callable[[int], dict],
+    *,
+    epochs: int,
+    steps_per_epoch: int,
+    device: torch.device | str = "cpu",
+    clock: Clock | None = None,
+    monitor: str | None = None,
+    keep: str = "model",
+    snapshot_every: int = 0,
+    extras: Callable[[], dict] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """The one training loop and its run folder, for every task (L2, GAN, segmentation,
+    keypoints).
+
+    ``state`` names what ``run_dir/last.pt`` holds and what a rerun resumes from: modules,
+    optimisers and schedulers, each saved by its ``state_dict`` under its name (the modules
+    unwrapped, so a checkpoint loads the same into a distributed or a plain run). Each epoch
+    takes ``steps_per_epoch`` items of ``batches()`` and calls ``step(item)``, which updates
+    whatever it updates (one optimiser, or k discriminator steps then one generator step) and
+    returns its losses as floats; then ``evaluate(epoch)`` gives the validation metrics. The
+    epoch's record (``epoch``, the mean of each loss over the steps and ranks, the metrics,
+    ``extras()`` such as the learning rate, ``seconds``) goes into the history, written with
+    ``last.pt`` after every epoch, the checkpoint atomically (a kill never corrupts the resume
+    point), then ``history.json`` and ``curves.png``. A run killed at any point loses at most
+    the epoch in progress.
+
+    With ``monitor``, ``best.pt`` keeps the weights of ``state[keep]`` from the epoch with the
+    highest ``metrics[monitor]`` (a NaN never counts); ``snapshot_every`` keeps every N-th
+    epoch's as ``epochNNN.pt``. The run stops after ``epochs``, or when ``clock`` (a
+    :class:`Clock` with a budget, ``--minutes``) is up. Modules are put in train mode for the
+    steps and eval mode after them. Under torchrun rank 0 alone evaluates, saves and logs.
+    Returns ``{"history": [...], "best": value}``.
+    """
+    main = is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    clock = clock or Clock(None, device)
+    history: list[dict] = []
+    best = -math.inf
+    last = run_dir / "last.pt"
+    if last.is_file():
+        saved = torch.load(last, map_location=device, weights_only=True)
+        for name, thing in state.items():
+            thing.load_state_dict(saved[name])
+        history, best = saved["history"], saved.get("best", -math.inf)  # a GAN keeps no best
+        clock.resume(history)
+        if main:
+            log(f"resumed from {last} after epoch {len(history)}")
+    modules = [m for m in state.values() if isinstance(m, nn.Module)]
+    epoch = len(history)
+
+    def finished() -> bool:
+        return clock.up() if clock.budget else epoch >= epochs
+
+    done = finished()
+    while not done:
+        epoch += 1
+        for module in modules:
+            module.train()
+        started, records = time.time(), []
+        for i, item in enumerate(batches()):
+            if i >= steps_per_epoch:
+                break
+            records.append(step(item))
+        for module in modules:
+            module.eval()
+        # Every rank saw a share of the epoch: the means over all of them.
+        means = {key: mean_over_ranks(float(np.mean([r[key] for r in records])), device)
+                 for key in records[0]}
+        if not main:  # rank 0 evaluates and writes; the others go on to the next epoch
+            done = finished()
+            continue
+        metrics = evaluate(epoch)
+        record = {"epoch": epoch, **means, **metrics, **(extras() if extras else {}),
+                  "seconds": round(time.time() - started, 1)}
+        history.append(record)
+        kept = {"epoch": epoch, "metrics": metrics}  # with the weights of state[keep]
+        if monitor and metrics[monitor] > best:
+            best = metrics[monitor]
+            torch.save({"model": state[keep].state_dict(), **kept}, run_dir / "best.pt")
+        done = finished()
+        if snapshot_every and (epoch % snapshot_every == 0 or done):
+            torch.save({"model": state[keep].state_dict(), **kept},
+                       run_dir / f"epoch{epoch:03d}.pt")
+        # Write to a temporary file and rename, so a kill mid-write never corrupts the resume.
+        torch.save({**{name: thing.state_dict() for name, thing in state.items()},
+                    "history": history, "best": best}, run_dir / "last.tmp")
+        (run_dir / "last.tmp").replace(last)
+        (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+        plot_curves(history, run_dir / "curves.png")
+        total = (f"{clock.elapsed() / 60:.1f}/{clock.budget / 60:g} min" if clock.budget
+                 else f"{epoch}/{epochs}")
+        shown = {**means, **({monitor: metrics[monitor]} if monitor else metrics)}
+        log(f"epoch {epoch} ({total})  " + "  ".join(f"{k} {v:.4f}" for k, v in shown.items()
+                                                   if isinstance(v, int | float))
+            + (f"  (best {best:.4f})" if monitor else "") + f"  {record['seconds']} s")
+    barrier()  # the others wait until rank 0 has written the last checkpoint
+    return {"history": history, "best": best}
+
+
 def fit(
     model: nn.Module,
     batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
@@ -200,7 +363,8 @@ def fit(
     snapshot_every: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train ``model`` and keep the best weights by ``evaluate(model)[monitor]`` (higher is better).
+    """Supervised training on :func:`train_loop`: AdamW on ``loss_fn(model(x), y)``, keeping
+    the best weights by ``evaluate(model)[monitor]`` (higher is better).
 
     ``batches()`` yields (input, target) pairs for one epoch. Resumes from ``run_dir/last.pt``.
     The learning rate warms up over the first epoch, then decays on a cosine over ``epochs``
@@ -212,7 +376,8 @@ def fit(
     without it emulates bf16 and is slower, so it stays opt-in). ``snapshot_every`` keeps the
     weights of every N-th epoch as ``epochNNN.pt`` (for choosing among them later, when the
     validation data are elsewhere: an ``evaluate`` that returns NaN never makes a ``best.pt``).
-    Returns the history: one dict per epoch with the mean loss, the evaluation and the time.
+    Returns the history: one dict per epoch with the mean loss, the evaluation, the rate and
+    the time.
 
     Under torchrun (``distributed_setup``) the model trains in DistributedDataParallel:
     ``batches()`` must then give this rank's share; rank 0 alone evaluates, saves and logs,
@@ -220,97 +385,46 @@ def fit(
     become SyncBatchNorm on GPUs), so checkpoints hold plain state_dicts.
     """
     device = distributed_setup(device)
-    main = is_main()
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     model = sync_batchnorm(model, device)
+    channels_last = amp == "bf16" and device.type == "cpu"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    history: list[dict] = []
-    best = -math.inf
-    last = run_dir / "last.pt"
-    budget = minutes * 60 if minutes else None
-    clock = {"spent": 0.0, "since": time.time()}  # seconds trained before this process; start
-
-    def elapsed() -> float:
-        return clock["spent"] + time.time() - clock["since"]
+    clock = Clock(minutes, device)
 
     def lr_factor(step: int) -> float:
         if step < steps_per_epoch:
             return (step + 1) / steps_per_epoch
-        if budget:  # rank 0's clock, so that every rank steps at the same rate
-            return cosine(broadcast_value(elapsed(), device) / budget)
+        if clock.budget:  # rank 0's clock, so that every rank steps at the same rate
+            return cosine(clock.progress())
         return cosine((step - steps_per_epoch) / max(1, (epochs - 1) * steps_per_epoch))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    if last.is_file():
-        state = torch.load(last, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best = state["history"], state["best"]
-        clock["spent"] = sum(h["seconds"] for h in history)
-        if main:
-            log(f"resumed from {last} after epoch {len(history)}")
     autocast = bf16_autocast(device, amp)
-    channels_last = amp == "bf16" and device.type == "cpu"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     trained = wrap(model, device)  # the model itself in a plain run
-    epoch = len(history)
 
-    def finished() -> bool:
-        return broadcast_stop(elapsed() >= budget, device) if budget else epoch >= epochs
+    def step(batch: tuple[torch.Tensor, Any]) -> dict[str, float]:
+        x, y = batch
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            loss = loss_fn(trained(x), _to(y, device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return {"loss": loss.item()}
 
-    done = finished()
-    while not done:
-        epoch += 1
-        model.train()
-        started, losses = time.time(), []
-        for step, (x, y) in enumerate(batches()):
-            if step >= steps_per_epoch:
-                break
-            x = x.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                loss = loss_fn(trained(x), _to(y, device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        model.eval()
-        mean_loss = mean_over_ranks(float(np.mean(losses)), device)
-        if not main:  # rank 0 evaluates and writes; the others go on to the next epoch
-            done = finished()
-            continue
-        metrics = evaluate(model)
-        record = {"epoch": epoch, "loss": mean_loss, **metrics,
-                  "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 1)}
-        history.append(record)
-        if metrics[monitor] > best:
-            best = metrics[monitor]
-            torch.save({"model": model.state_dict(), "epoch": epoch, "metrics": metrics},
-                       run_dir / "best.pt")
-        done = finished()
-        if snapshot_every and (epoch % snapshot_every == 0 or done):
-            torch.save({"model": model.state_dict(), "epoch": epoch, "metrics": metrics},
-                       run_dir / f"epoch{epoch:03d}.pt")
-        # Write to a temporary file and rename, so a kill mid-write never corrupts the resume.
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "history": history, "best": best},
-                   run_dir / "last.tmp")
-        (run_dir / "last.tmp").replace(last)
-        (run_dir / "history.json").write_text(json.dumps(history, indent=1))
-        plot_curves(history, run_dir / "curves.png")
-        total = f"{elapsed() / 60:.1f}/{minutes} min" if budget else f"{epoch}/{epochs}"
-        log(f"epoch {epoch} ({total})  loss {record['loss']:.4f}  {monitor} "
-            f"{metrics[monitor]:.4f}  (best {best:.4f})  {record['seconds']} s")
+    result = train_loop(
+        run_dir, {"model": model, "optimizer": optimizer, "scheduler": scheduler}, step,
+        batches, lambda _epoch: evaluate(model), epochs=epochs, steps_per_epoch=steps_per_epoch,
+        device=device, clock=clock, monitor=monitor, snapshot_every=snapshot_every,
+        extras=lambda: {"lr": scheduler.get_last_lr()[0]}, log=log)
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
-    barrier()  # the others wait until rank 0 has written the last checkpoint
-    return {"history": history, "best": best}
+    return result
 
 
 def epochs_done(run_dir: Path) -> int:

@@ -5,7 +5,8 @@ Every model is a folder in Hub layout: ``config.json`` (what to build and how to
 sha256 of the weights file, which is verified before anything is read, and only safetensors
 are ever loaded, so a folder or a Hub repo a user points to can never run code.
 
-This module is the only place that knows where weights come from.
+This module is the only place that knows where weights come from. It returns plain eager
+modules and knows nothing of serving: ``dense.serve`` wraps them for the app and the tasks.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dense.data import REPO_ROOT
-from dense.devices import pick_device, prepare_model
+from dense.hardware import pick_device
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -95,7 +96,7 @@ def resolve(name: str) -> Path:
         return path
     match = HUB_ID.match(name)
     if match is None:
-        known = ", ".join(sorted(m.id for m in list_models())) or "none"
+        known = ", ".join(sorted(m.id for m in list_models() if m.location == "bundled")) or "none"
         raise ModelError(
             f"Unknown model '{name}': not a bundled id (bundled: {known}), not a folder, "
             "and not a Hub repo id of the form org/name[@revision]."
@@ -214,17 +215,23 @@ def load(
     device: str | torch.device | None = "auto",
     *,
     verify_checksum: bool = True,
-    backend: str | None = "auto",
+    backend: str | None = None,
 ) -> nn.Module:
-    """Load model ``name`` in eval mode on ``device``; its config is at ``model.config``.
+    """Load model ``name`` as a plain eager module in eval mode on ``device`` (``auto``:
+    ``DENSE_DEVICE``, else CUDA when available, else CPU); its config is at ``model.config``.
 
-    ``backend`` (``dense.devices.BACKENDS``): ``auto`` picks the fastest measured for the model
-    on the device; ``eager`` gives the plain PyTorch module (training, exports, fidelity tests).
+    Nothing else happens: no export, no compiled runtime, no other memory format. To run a model
+    the fastest way this machine allows, use ``dense.serve.load_served``. ``backend`` is accepted
+    for callers written when this function also served: only ``None``, ``"auto"`` and
+    ``"eager"``, which all mean the eager module.
 
     >>> model = load("efficientnet-lite0", device="cpu")
     >>> model.config["task"]
     'classification'
     """
+    if backend not in (None, "auto", "eager"):
+        raise ValueError(f"dense.zoo.load gives the eager module; backend '{backend}' is "
+                         "chosen by dense.serve.load_served(name, device, backend)")
     name = str(name)
     folder = resolve(name)
     config = read_config(folder, name)
@@ -244,33 +251,34 @@ def load(
         raise ModelError(f"Model '{name}': weights do not fit its architecture ({err}).") from err
     model.config = config
     model.source_folder = folder
-    return prepare_model(model, pick_device(device), backend)
+    return model.eval().to(pick_device(device))
 
 
 _cache: dict[tuple[str, str], nn.Module] = {}
-_cache_lock = threading.Lock()  # guards the two dicts only, never held during a load
-_load_locks: dict[tuple[str, str], threading.Lock] = {}
+_cache_lock = threading.Lock()
 
 
 def cached_load(name: str, device: str | torch.device | None = "auto") -> nn.Module:
-    """``load`` once per (model, device) and share the module across requests and threads.
+    """:func:`load` once per (model, device): the eager module, shared.
 
-    Each model has its own lock, so a slow first load (on CPU it may write an ONNX export)
-    delays only the requests that need that model, not those for models already loaded.
+    Kept for ``dense.lab`` until it switches to ``dense.serve.cached_load``, which the app and
+    the tasks use to share *served* models across requests.
     """
-    key = (name, str(pick_device(device)))
+    key = (str(name), str(pick_device(device)))
     with _cache_lock:
-        if key in _cache:
-            return _cache[key]
-        lock = _load_locks.setdefault(key, threading.Lock())
-    with lock:
-        with _cache_lock:
-            if key in _cache:
-                return _cache[key]
-        model = load(name, key[1])
-        with _cache_lock:
-            _cache[key] = model
-        return model
+        if key not in _cache:
+            _cache[key] = load(name, key[1])
+        return _cache[key]
+
+
+def load_pretrained_encoder(model: nn.Module, model_id: str = "efficientnet-lite0") -> nn.Module:
+    """Copy a bundled classifier's encoder weights (ImageNet EfficientNet-Lite0) into a U-Net.
+
+    Here rather than in ``dense.nn.unet``: the building blocks do not know where weights live.
+    """
+    source = load(model_id, device="cpu").encoder.state_dict()
+    model.encoder.load_state_dict(source)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,29 +327,51 @@ def _count_params(weights: Path) -> int:
         return sum(prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(buffers))
 
 
+def _info(folder: Path, model_id: str | None, location: str) -> ModelInfo | None:
+    try:
+        config = read_config(folder)
+    except ModelError:
+        return None  # a broken folder must not hide the others; load() reports it by name
+    try:
+        params = _count_params(folder / WEIGHTS_FILE)
+    except Exception:  # noqa: BLE001 - a damaged or missing file must not hide the zoo;
+        params = 0  # load() names the model and what is wrong with it
+    return ModelInfo(id=model_id or config["id"], task=config["task"],
+                     architecture=config["architecture"], params=params,
+                     licence=config.get("licence", "unknown"), location=location, folder=folder)
+
+
+def _hub_cached() -> list[ModelInfo]:
+    """The dense models in the local Hub cache (``HF_HUB_CACHE``), one per cached revision,
+    under the id that loads them: ``org/name`` for the revision ``main`` points to, else
+    ``org/name@ref`` (or ``@commit``). Reads the cache's folders only, never the network."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        cache = scan_cache_dir(os.environ.get("HF_HUB_CACHE") or None)
+    except CacheNotFound:
+        return []
+    found = []
+    for repo in sorted(cache.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        for revision in sorted(repo.revisions, key=lambda r: r.commit_hash):
+            refs = sorted(revision.refs)
+            at = "" if "main" in refs else f"@{refs[0] if refs else revision.commit_hash}"
+            if (revision.snapshot_path / CONFIG_FILE).is_file():
+                info = _info(revision.snapshot_path, f"{repo.repo_id}{at}", "hub cache")
+                if info is not None:
+                    found.append(info)
+    return found
+
+
 def list_models(task: str | None = None) -> list[ModelInfo]:
-    """The bundled models (and ones already downloaded from the Hub), optionally of one task."""
-    found: list[ModelInfo] = []
-    for folder in sorted(p for p in weights_dir().glob("*") if (p / CONFIG_FILE).is_file()):
-        try:
-            config = read_config(folder)
-        except ModelError:
-            continue  # a broken folder must not hide the others; load() reports it by name
-        try:
-            params = _count_params(folder / WEIGHTS_FILE)
-        except Exception:  # noqa: BLE001 - a damaged or missing file must not hide the zoo;
-            params = 0  # load() names the model and what is wrong with it
-        found.append(
-            ModelInfo(
-                id=config["id"],
-                task=config["task"],
-                architecture=config["architecture"],
-                params=params,
-                licence=config.get("licence", "unknown"),
-                location="bundled",
-                folder=folder,
-            )
-        )
+    """The bundled models and the dense models already downloaded from the Hub (see
+    :func:`_hub_cached`), optionally of one task."""
+    folders = sorted(p for p in weights_dir().glob("*") if (p / CONFIG_FILE).is_file())
+    found = [info for info in (_info(f, None, "bundled") for f in folders) if info is not None]
+    found += _hub_cached()
     return [m for m in found if task is None or m.task == task]
 
 

@@ -105,9 +105,9 @@ def test_defaults_listen_on_loopback_without_share(monkeypatch: pytest.MonkeyPat
 
 
 def test_warm_up_loads_the_live_models_and_survives_a_broken_one(caplog) -> None:
-    from dense import zoo
+    from dense.serve import served
     from dense.ui import common
 
     common.warm_up(("selfie-seg", "no-such-model"))
-    assert any(key[0] == "selfie-seg" for key in zoo._cache)
+    assert any(key[0] == "selfie-seg" for key in served._cache)
     assert "warm-up of no-such-model failed" in caplog.text

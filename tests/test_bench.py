@@ -13,6 +13,7 @@ import torch
 from dense import zoo
 from dense.bench import time_calls
 from dense.cli import main
+from dense.serve import load_served
 
 
 def test_time_calls_reports_ordered_percentiles() -> None:
@@ -55,7 +56,7 @@ def test_bench_runs_with_peers_and_names_its_machine(capsys, tmp_path, monkeypat
 
 
 # ---------------------------------------------------------------------------------------------
-# The served backend: what the app and `dense predict` run (dense.devices.pick_backend)
+# The served backend: what the app and `dense predict` run (dense.serve.pick_backend)
 
 
 @pytest.mark.parametrize("backend", ["auto", "onnxruntime"])
@@ -69,8 +70,8 @@ def test_export_backends_serve_mediapipe_graphs_equal_to_pytorch(backend: str,
     monkeypatch.setenv("DENSE_BACKEND", backend)
     photo = read_image(Path(__file__).parents[1] / "examples" / "astronaut.png").rgb
     for model_id in ("selfie-seg", "blazepose-lite"):
-        served = zoo.load(model_id, device="cpu")
-        eager = zoo.load(model_id, device="cpu", backend="eager")
+        served = load_served(model_id, device="cpu")
+        eager = load_served(model_id, device="cpu", backend="eager")
         want_backend = "openvino" if backend == "auto" else backend
         assert (served.backend, eager.backend) == (want_backend, "eager")
         size = tuple(served.config["input"]["size"])
@@ -86,30 +87,30 @@ def test_export_backends_serve_mediapipe_graphs_equal_to_pytorch(backend: str,
             assert float((got[key] - want[key]).abs().max()) / scale < 1e-3, (model_id, key)
     # What the export does not cover (here: a gradient through the input) goes to PyTorch.
     x = torch.rand(1, 3, 256, 256, requires_grad=True)
-    assert zoo.load("selfie-seg", device="cpu")(x).grad_fn is not None
+    assert load_served("selfie-seg", device="cpu")(x).grad_fn is not None
 
 
 def test_without_openvino_onnxruntime_serves_only_what_it_was_measured_faster_on(
         monkeypatch) -> None:
     import importlib.util
 
-    from dense import devices
+    from dense.serve import backends as devices
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "openvino" else real(name, *a))
-    config = zoo.load("selfie-seg", "cpu", backend="eager").config
+    config = zoo.load("selfie-seg", "cpu").config
     assert devices.export_runtime(config) == "onnxruntime"
-    port = zoo.load("realesrgan-x4plus", "cpu", backend="eager").config
+    port = zoo.load("realesrgan-x4plus", "cpu").config
     assert devices.export_runtime(port) is None  # onnxruntime was slower than PyTorch there
-    unet = zoo.load("unet-sr-x4", "cpu", backend="eager").config
+    unet = zoo.load("unet-sr-x4", "cpu").config
     assert devices.export_runtime(unet) is None  # no fixed size, and a U-Net's export is not
 
 
 def test_openvino_serves_an_sr_port_at_any_size_equal_to_pytorch() -> None:
     pytest.importorskip("openvino")
-    served = zoo.load("waifu2x-photo-x2", device="cpu", backend="openvino")
-    eager = zoo.load("waifu2x-photo-x2", device="cpu", backend="eager")
+    served = load_served("waifu2x-photo-x2", device="cpu", backend="openvino")
+    eager = load_served("waifu2x-photo-x2", device="cpu", backend="eager")
     assert served.backend == "openvino"
     for shape in ((1, 3, 37, 50), (2, 3, 64, 24)):
         x = torch.rand(*shape)
@@ -122,13 +123,13 @@ def test_openvino_serves_an_sr_port_at_any_size_equal_to_pytorch() -> None:
 @pytest.mark.parametrize("model_id", ["realesrgan-x4plus", "realesr-animevideov3",
                                       "waifu2x-photo-x2"])
 def test_sr_ports_are_served_in_bf16_within_45_db_of_fp32_on_a_real_photo(model_id: str) -> None:
-    from dense.devices import runtime_available
     from dense.images import read_image
+    from dense.serve.backends import runtime_available
 
     if not runtime_available("openvino_bf16"):
         pytest.skip("needs OpenVINO and a CPU with native bf16")
-    served = zoo.load(model_id, device="cpu")
-    eager = zoo.load(model_id, device="cpu", backend="eager")
+    served = load_served(model_id, device="cpu")
+    eager = load_served(model_id, device="cpu", backend="eager")
     assert served.backend == "openvino_bf16"
     photo = read_image(Path(__file__).parents[1] / "examples" / "astronaut.png").rgb
     x = torch.from_numpy(photo[100:164, 150:230]).permute(2, 0, 1)[None].float() / 255
@@ -142,8 +143,8 @@ def test_openvino_serves_requests_from_several_threads_at_once() -> None:
     pytest.importorskip("openvino")
     from concurrent.futures import ThreadPoolExecutor
 
-    model = zoo.load("selfie-seg", device="cpu", backend="openvino")
-    eager = zoo.load("selfie-seg", device="cpu", backend="eager")
+    model = load_served("selfie-seg", device="cpu", backend="openvino")
+    eager = load_served("selfie-seg", device="cpu", backend="eager")
     inputs = [torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(i))
               for i in range(8)]
     with torch.inference_mode(), ThreadPoolExecutor(4) as pool:
@@ -153,22 +154,22 @@ def test_openvino_serves_requests_from_several_threads_at_once() -> None:
 
 
 def test_backend_choice_can_be_forced_and_other_models_run_channels_last(monkeypatch) -> None:
-    from dense.devices import runtime_available
+    from dense.serve.backends import runtime_available
 
     bf16 = runtime_available("openvino_bf16")  # SRVGG: only OpenVINO in bf16 beat PyTorch
-    assert zoo.load("realesr-animevideov3", device="cpu").backend == (
+    assert load_served("realesr-animevideov3", device="cpu").backend == (
         "openvino_bf16" if bf16 else "channels_last")
-    assert zoo.load("unet-sr-x2", device="cpu").backend == "channels_last"  # no fixed size
+    assert load_served("unet-sr-x2", device="cpu").backend == "channels_last"  # no fixed size
     monkeypatch.setenv("DENSE_BACKEND", "eager")
-    assert zoo.load("selfie-seg", device="cpu").backend == "eager"
+    assert load_served("selfie-seg", device="cpu").backend == "eager"
     monkeypatch.setenv("DENSE_BACKEND", "tensorrt")
     with pytest.raises(ValueError, match="Unknown backend 'tensorrt'"):
-        zoo.load("selfie-seg", device="cpu")
+        load_served("selfie-seg", device="cpu")
 
 
 def test_a_failed_onnx_export_falls_back_to_pytorch_once(monkeypatch, tmp_path, caplog) -> None:
     pytest.importorskip("onnxruntime")
-    import dense.export
+    import dense.serve.export
 
     monkeypatch.setenv("DENSE_PACKAGE_CACHE", str(tmp_path))
     calls = []
@@ -177,9 +178,9 @@ def test_a_failed_onnx_export_falls_back_to_pytorch_once(monkeypatch, tmp_path, 
         calls.append(1)
         raise RuntimeError("onnxruntime differs from PyTorch by 1e+00")
 
-    monkeypatch.setattr(dense.export, "check_onnx", broken_check)
+    monkeypatch.setattr(dense.serve.export, "check_onnx", broken_check)
     for _ in range(2):
-        model = zoo.load("selfie-seg", device="cpu")
+        model = load_served("selfie-seg", device="cpu")
         assert model.backend == "channels_last"
         assert model(torch.rand(1, 3, 256, 256)).shape == (1, 1, 256, 256)
     assert len(calls) == 1  # the failure is remembered: no second export
@@ -195,9 +196,9 @@ def test_count_flops_of_a_parameterless_module() -> None:
 
 
 def test_onnx_export_leaves_the_model_in_eval_mode_and_unchanged(tmp_path: Path) -> None:
-    from dense.export import export_onnx
+    from dense.serve.export import export_onnx
 
-    model = zoo.load("unet-camvid", device="cpu", backend="eager")
+    model = zoo.load("unet-camvid", device="cpu")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     export_onnx(model, tmp_path / "unet.onnx", (64, 96))
     assert not any(m.training for m in model.modules())
@@ -208,7 +209,7 @@ def test_onnx_export_leaves_the_model_in_eval_mode_and_unchanged(tmp_path: Path)
 
 
 def test_cuda_dtype_setting_is_checked(monkeypatch) -> None:
-    from dense.devices import autocast_dtype
+    from dense.serve.devices import autocast_dtype
 
     cuda = torch.device("cuda")
     assert autocast_dtype(cuda) is None  # fp32 by default (faster at batch 1, measured)
@@ -225,7 +226,7 @@ def test_cuda_dtype_setting_is_checked(monkeypatch) -> None:
 def test_gpu_variants_compute_what_the_served_model_computes() -> None:
     from dense.bench import autocast_call, cuda_graph_call
 
-    model = zoo.load("blazepose-full", "cuda")
+    model = load_served("blazepose-full", "cuda")
     x = torch.rand(1, 3, 256, 256, device="cuda")
     with torch.inference_mode():
         served = model(x)
@@ -240,22 +241,22 @@ def test_gpu_variants_compute_what_the_served_model_computes() -> None:
 
 
 def test_cuda_serves_fixed_size_models_through_cuda_graphs() -> None:
-    from dense.devices import pick_backend
+    from dense.serve.backends import pick_backend
 
     cuda = torch.device("cuda")  # the choice reads the device type only: no GPU needed
-    assert pick_backend(zoo.load("blazepose-full", "cpu", backend="eager"), cuda) == "cuda_graph"
-    assert pick_backend(zoo.load("unet-sr-x4", "cpu", backend="eager"), cuda) == "channels_last"
-    assert pick_backend(zoo.load("selfie-seg", "cpu", backend="eager"), cuda,
+    assert pick_backend(zoo.load("blazepose-full", "cpu"), cuda) == "cuda_graph"
+    assert pick_backend(zoo.load("unet-sr-x4", "cpu"), cuda) == "channels_last"
+    assert pick_backend(zoo.load("selfie-seg", "cpu"), cuda,
                         "eager") == "eager"
     # Forced on a CPU, the CUDA-only backend means the CPU's PyTorch path.
-    assert zoo.load("selfie-seg", "cpu", backend="cuda_graph").backend == "channels_last"
+    assert load_served("selfie-seg", "cpu", backend="cuda_graph").backend == "channels_last"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_serving_equals_eager_and_returns_outputs_of_its_own() -> None:
-    served = zoo.load("selfie-seg", "cuda")
-    eager = zoo.load("selfie-seg", "cuda", backend="eager")
+    served = load_served("selfie-seg", "cuda")
+    eager = load_served("selfie-seg", "cuda", backend="eager")
     assert served.backend == "cuda_graph"
     x1, x2 = (torch.rand(1, 3, 256, 256, device="cuda") for _ in range(2))
     with torch.inference_mode():
@@ -273,10 +274,10 @@ def test_cuda_graph_serving_equals_eager_and_returns_outputs_of_its_own() -> Non
 def test_cpu_serving_keeps_freed_activations_instead_of_faulting_them_in_again() -> None:
     """unet-deblur served on the CPU at 128×128: with glibc's defaults 2,000-4,300 page faults
     per call were measured here (its activations faulted in again on every call), with
-    keep_freed_memory (which zoo.load calls for a CPU model) 0-106."""
+    keep_freed_memory (which serving calls for a CPU model) 0-106."""
     import resource
 
-    model = zoo.load("unet-deblur", "cpu")
+    model = load_served("unet-deblur", "cpu")
     x = torch.rand(1, 3, 128, 128)
     with torch.inference_mode():
         model(x)

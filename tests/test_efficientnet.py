@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 import dense
-from dense.nn.encoders import lukemelas_to_dense
-from dense.tasks.classification import classify, to_tensor
+from dense.convert.efficientnet import lukemelas_to_dense
+from dense.images import to_tensor
+from dense.tasks.classification import classify
 from dense.zoo import weights_dir
 
 original = pytest.importorskip("efficientnet_lite_pytorch", reason="requirements-dev.txt")

@@ -335,14 +335,6 @@ def test_bad_arrays(array: np.ndarray, message: str) -> None:
 
 # --- helpers --------------------------------------------------------------------------------
 
-def test_composite_alpha() -> None:
-    rgb = np.full((1, 3, 3), 200, np.uint8)
-    alpha = np.array([[0, 255, 128]], np.uint8)
-    out = images.composite_alpha(rgb, alpha, background=(0, 0, 100))
-    assert out[0, :, 0].tolist() == [0, 200, 100] and out[0, :, 2].tolist() == [100, 200, 150]
-    assert np.array_equal(images.composite_alpha(rgb, None), rgb)
-
-
 @pytest.mark.parametrize("shape", [(5, 7), (5, 7, 1), (5, 7, 3), (5, 7, 4)])
 def test_png_roundtrip(tmp_path: Path, shape: tuple[int, ...]) -> None:
     array = np.random.default_rng(1).integers(0, 256, shape, np.uint8)
@@ -355,11 +347,3 @@ def test_png_roundtrip(tmp_path: Path, shape: tuple[int, ...]) -> None:
         np.testing.assert_array_equal(decoded.alpha, array[..., 3])
 
 
-def test_ensure_min_size() -> None:
-    rgb = np.arange(6, dtype=np.uint8).reshape(1, 2, 3)
-    out = images.ensure_min_size(rgb, 4)
-    assert out.shape == (4, 4, 3)
-    np.testing.assert_array_equal(out[:1, :2], rgb)
-    np.testing.assert_array_equal(out[3, 3], rgb[0, 1])  # edge pixels repeated
-    big = np.zeros((40, 40, 3), np.uint8)
-    assert images.ensure_min_size(big) is big

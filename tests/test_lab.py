@@ -3,7 +3,7 @@ measure, and the tab's functions on a real photo."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 
 import gradio as gr
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dense import lab, zoo
+from dense.images import read_image
 from dense.nn.upsample import UPSAMPLERS, PixelShuffleICNR, Transposed
 from dense.ui import lab as ui
 
@@ -37,11 +38,11 @@ def test_there_are_five_lab_models_one_per_upsampler() -> None:
 def test_lab_configs_differ_only_in_the_upsampler(upsampler: str) -> None:
     base = lab.base_config()
     config = lab.lab_config(upsampler, base)
-    assert config["model"]["upsampler"] == upsampler
-    assert config["scale"] == 4 and config["model"]["encoder"] == "plain"
-    assert config["model"]["norm"] == "none" and config["model"]["residual"] is True
-    stripped = copy.deepcopy(config)
-    del stripped["id"], stripped["model"]["upsampler"]
+    assert config.model["upsampler"] == upsampler
+    assert config.scale == 4 and config.model["encoder"] == "plain"
+    assert config.model["norm"] == "none" and config.model["residual"] is True
+    stripped = dataclasses.replace(config, id=None, model={
+        k: v for k, v in config.model.items() if k != "upsampler"})
     assert stripped == base  # same data, seeds, steps, optimiser, widths
 
 
@@ -89,7 +90,7 @@ def test_stride_energy_is_the_dft_energy_at_the_stride_frequencies() -> None:
 
 
 def test_checkerboard_measure_ranks_a_checkerboarded_image_above_a_smooth_one() -> None:
-    photo = lab.read_rgb(PHOTO)[100:292, 150:342].astype(np.float64)
+    photo = read_image(PHOTO).rgb[100:292, 150:342].astype(np.float64)
     checker = np.indices(photo.shape[:2]).sum(axis=0) % 2 * 2.0 - 1.0  # ±1, period 2
     checkerboarded = np.clip(photo * (1 + 0.04 * checker[..., None]), 0, 255).astype(np.uint8)
     smooth = photo.astype(np.uint8)
@@ -173,9 +174,12 @@ def test_the_explanations_come_from_the_real_ops() -> None:
     assert ripples[0] > 0.01 and ripples[1] > 0.01 and ripples[2] == 0  # ICNR is flat
 
 
-def test_the_tab_builds() -> None:
-    with gr.Blocks():
+def test_the_tab_builds_its_controls_and_the_compare_endpoint() -> None:
+    with gr.Blocks() as demo:
         ui.build()
+    labels = {getattr(block, "label", None) for block in demo.blocks.values()}
+    assert {"Photo", "Scale", "Results", "Zoom", "Click to move the window"} <= labels
+    assert "lab_compare" in {fn.api_name for fn in demo.fns.values()}  # the scripted endpoint
 
 
 def test_the_tab_shows_the_measured_table_from_the_doc(tmp_path) -> None:
@@ -191,3 +195,18 @@ def test_the_bundled_run_is_the_median_seed() -> None:
     assert lab.representative(rows)["seed"] == 2
     assert lab.representative(rows[:2])["seed"] == 0
     assert lab.representative([]) is None
+
+
+def test_the_lab_card_comes_from_the_shared_template() -> None:
+    row = {key: 1.0 for key, _, _ in lab.COLUMNS} | {"seed": 0, "params": 12345}
+    spread = {**row, "model": "lab-x4-nearest", "seeds": [0, 1, 2],
+              **{f"{key}_spread": 0.5 for key, _, _ in lab.COLUMNS}}
+    card = lab.model_card("nearest", lab.lab_config("nearest"), row, spread, steps=1500)
+    assert card.startswith("---\nlicense: other\nlibrary_name: dense\n")
+    assert "\n# lab-x4-nearest\n" in card
+    labels = [line.split(":**")[0] for line in card.splitlines() if line.startswith("**")]
+    assert labels == ["**Task", "**Architecture", "**Input", "**Training", "**Measured",
+                      "**Licence"]  # dense.cards.SECTIONS, in its order
+    measured = card.index("**Measured")
+    assert measured < card.index("| lab-x4-nearest |") < card.index("**Licence")
+    assert "Over seeds [0, 1, 2]" in card and "12,345 parameters" in card

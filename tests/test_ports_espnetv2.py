@@ -5,7 +5,7 @@ The default tests compare the bundled models with reference logits stored in
 their predictions on real photos. The ``runtime`` tests run our ONNX export in onnxruntime
 against the same logits and, with ``ESPNETV2_REFERENCE`` pointing at a checkout of
 sacmehta/EdgeNets, rerun EdgeNets' code live. Rebuild the fixtures with
-``python -m dense.ports.convert_espnetv2 --fixtures --reference <checkout>``.
+``python -m dense.convert.espnetv2 --fixtures --reference <checkout>``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dense import zoo
-from dense.ports.fidelity_espnetv2 import (
+from dense.convert.fidelity_espnetv2 import (
     compare_with_fixture,
     export_session,
     fixture_inputs,
@@ -29,14 +29,15 @@ from dense.ports.fidelity_espnetv2 import (
     run_port,
     run_session,
 )
-from dense.ports.source_espnetv2 import EXAMPLES, PORTS, TOLERANCE, convert_state_dict
+from dense.convert.source_espnetv2 import EXAMPLES, PORTS, TOLERANCE, convert_state_dict
+from dense.serve import load_served
 
 IDS = list(PORTS)
 
 
 @functools.cache
 def port_model(model_id: str) -> nn.Module:
-    return zoo.load(model_id, device="cpu", backend="eager")
+    return zoo.load(model_id, device="cpu")
 
 
 def class_shares(model: nn.Module, photo: Path) -> dict[str, float]:
@@ -80,7 +81,7 @@ def test_matches_stored_reference_logits(model_id: str) -> None:
 @pytest.mark.parametrize("model_id", IDS)
 def test_served_model_matches_reference(model_id: str) -> None:
     """What the app serves on CPU (``backend="auto"``) is held to the same tolerance."""
-    model = zoo.load(model_id, device="cpu")
+    model = load_served(model_id, device="cpu")
     port = PORTS[model_id]
     run = None
     if model.backend == "channels_last":
@@ -195,7 +196,7 @@ def test_onnx_export_matches_reference(model_id: str, tmp_path: Path) -> None:
 def test_against_edgenets_code(model_id: str) -> None:
     """EdgeNets' forward pass, live: set ESPNETV2_REFERENCE to a checkout of sacmehta/EdgeNets
     (kept outside this repository) and have ../shared/upstream."""
-    from dense.ports.fidelity_espnetv2 import load_reference, run_reference
+    from dense.convert.fidelity_espnetv2 import load_reference, run_reference
 
     checkout = os.environ.get("ESPNETV2_REFERENCE")
     if not checkout:

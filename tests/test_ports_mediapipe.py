@@ -19,8 +19,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from dense import zoo
+from dense.convert.mediapipe import PHOTOS, SOURCES, photo_input
 from dense.ports import blazepose
-from dense.ports.convert_mediapipe import PHOTOS, SOURCES, photo_input
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mediapipe"
 COCO = Path("/work/shared/data/pose/coco_sample")
@@ -44,7 +44,7 @@ PIPELINE_PX_TOL = 2.0
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    return {model_id: zoo.load(model_id, device="cpu", backend="eager") for model_id in IDS}
+    return {model_id: zoo.load(model_id, device="cpu") for model_id in IDS}
 
 
 def photo_tensor(model_id: str, photo: str) -> torch.Tensor:
@@ -230,7 +230,7 @@ def scratch(tmp_path_factory) -> Path:
 
 
 def litert(model_id: str, scratch: Path):
-    from dense.ports.convert_mediapipe import litert_as_module, tflite_path
+    from dense.convert.mediapipe import litert_as_module, tflite_path
 
     return litert_as_module(tflite_path(model_id, scratch), SOURCES[model_id].architecture)
 
@@ -238,7 +238,7 @@ def litert(model_id: str, scratch: Path):
 @pytest.mark.runtime
 @pytest.mark.parametrize("model_id", IDS)
 def test_port_matches_litert_live(models, scratch, model_id):
-    from dense.ports.convert_mediapipe import compare
+    from dense.convert.mediapipe import compare
 
     metrics = compare(model_id, models[model_id], litert(model_id, scratch))
     for name, value in metrics.items():
@@ -296,7 +296,7 @@ def test_regenerate_fixtures(scratch):
         "runtime": "ai-edge-litert==2.3.0, XNNPACK, 2 threads",
         "input": "examples/<photo> read with cv2, BGR→RGB, cv2.resize INTER_AREA to the model "
                  "input size (H, W), v/255 (detector: v·2/255 − 1); "
-                 "see dense.ports.convert_mediapipe.photo_input",
+                 "see dense.convert.mediapipe.photo_input",
         "photos": list(PHOTOS),
         "heatmap_joints": HEATMAP_JOINTS,
         "pipeline": "dense.ports.blazepose.detect_poses with LiteRT blazepose-detector and "

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dense import zoo
-from dense.ports.convert_mosaic import (
+from dense.convert.mosaic import (
     PHOTO_SETS,
     UPSTREAM,
     LiteRT,
@@ -64,7 +64,7 @@ def sha256(array: np.ndarray) -> str:
 @pytest.fixture(scope="module")
 def model() -> MosaicSegmenter:
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    return zoo.load(MODEL_ID, device="cpu", backend="eager")
+    return zoo.load(MODEL_ID, device="cpu")
 
 
 def run(model: torch.nn.Module, image: np.ndarray) -> torch.Tensor:
@@ -277,7 +277,7 @@ def test_onnx_export_gives_the_same_scores(model, tmp_path):
     """The port traces to ONNX (no Python control flow on values) and onnxruntime computes
     the same integers from it."""
     ort = pytest.importorskip("onnxruntime")
-    from dense.export import export_onnx
+    from dense.serve.export import export_onnx
 
     path = export_onnx(model, tmp_path / "mosaic.onnx")
     options = ort.SessionOptions()
@@ -334,7 +334,7 @@ def test_every_tensor_equals_litert(model, tflite_file):
 @pytest.mark.runtime
 @pytest.mark.parametrize("photo_set", PHOTO_SETS, ids=[s.name for s in PHOTO_SETS])
 def test_port_matches_litert_live(model, tflite_file, photo_set):
-    from dense.ports.convert_mosaic import compare
+    from dense.convert.mosaic import compare
 
     paths = photo_paths(photo_set)
     if not paths:
@@ -349,7 +349,7 @@ def test_regenerate_fixtures(tflite_file):
     """Rewrite the LiteRT fixtures (only with DENSE_REGENERATE_FIXTURES=1)."""
     if os.environ.get("DENSE_REGENERATE_FIXTURES") != "1":
         pytest.skip("set DENSE_REGENERATE_FIXTURES=1 to rewrite tests/fixtures/mosaic")
-    from dense.ports.convert_mosaic import SCORES
+    from dense.convert.mosaic import SCORES
 
     FIXTURES.mkdir(parents=True, exist_ok=True)
     labels, scores = LiteRT(tflite_file), LiteRT(tflite_file, output=SCORES)
@@ -367,7 +367,7 @@ def test_regenerate_fixtures(tflite_file):
     how = {
         "runtime": "ai-edge-litert==2.3.0, XNNPACK, 2 threads, on the pinned .tflite file",
         "input": "photo read with cv2, BGR→RGB, cv2.resize INTER_AREA to 512×512, uint8; see "
-                 "dense.ports.convert_mosaic.photo_uint8",
+                 "dense.convert.mosaic.photo_uint8",
         "png": "<set>-<photo stem>.png: LiteRT's SemanticPredictions (labels 0-31) as uint8",
         "scores_sha256": "sha256 of LiteRT's uint8 resize_logits (512×512×32, HWC bytes)",
         "photos": photos,

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from dense import zoo
+from dense.convert import movenet as cm
 from dense.data import data_root, upstream_root
-from dense.ports import convert_movenet as cm
 from dense.ports import tfjs, tfjs_ops, tfjs_reader
 from dense.ports.movenet import (
     MoveNetMultiPose,
@@ -31,6 +31,7 @@ from dense.ports.movenet import (
     lightning_input,
     multipose_input,
 )
+from dense.serve import load_served
 
 FIXTURES = Path(__file__).parent / "fixtures" / "movenet"
 MODELS = list(cm.SOURCES)
@@ -52,7 +53,7 @@ def _two_threads():
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
-    return {m: zoo.load(m, device="cpu", backend="eager") for m in MODELS}
+    return {m: zoo.load(m, device="cpu") for m in MODELS}
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def test_weights_stored_in_float16(model_id):
 
 
 def test_load_default_backend_runs_a_photo():
-    model = zoo.load("movenet-multipose")  # the CPU default: channels_last PyTorch
+    model = load_served("movenet-multipose")  # the CPU default: channels_last PyTorch
     rgb = cm.read_rgb(zoo.REPO_ROOT / "examples" / "charades.jpg")
     x, (sx, sy) = multipose_input(rgb)
     assert x.shape == (1, 3, 192, 256)
@@ -362,7 +363,7 @@ def test_onnx_export_runs_in_onnxruntime(models, tmp_path, model_id, size):
     graph's shape arithmetic is folded per size) and onnxruntime gives the same outputs."""
     import onnxruntime as ort
 
-    from dense.export import _Flat
+    from dense.serve.export import _Flat
 
     model = models[model_id]
     x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dense import zoo
-from dense.ports.convert_sr import (
+from dense.convert.sr import (
     PORTS,
     fidelity,
     load_crop,
@@ -35,7 +35,7 @@ MIN_PSNR_DB = 45.0  # issue 3: "SR outputs >= 45 dB PSNR against the runtime's o
 
 @functools.cache
 def sr_model(model_id: str) -> nn.Module:
-    return zoo.load(model_id, device="cpu", backend="eager")
+    return zoo.load(model_id, device="cpu")
 
 
 @pytest.mark.parametrize("model_id", SR_IDS)
@@ -149,7 +149,7 @@ def test_live_against_ncnn(model_id: str, packages: dict[str, Path]) -> None:
 @pytest.mark.runtime
 @pytest.mark.parametrize("model_id", SR_IDS)
 def test_fixture_is_what_ncnn_gives(model_id: str, packages: dict[str, Path]) -> None:
-    """Regenerate the stored fixture the way ``python -m dense.ports.convert_sr --fixtures``
+    """Regenerate the stored fixture the way ``python -m dense.convert.sr --fixtures``
     does. Bit-identical on the machine that made it; another CPU may round ncnn's float32
     sums differently, so allow one float16 step (2**-10 for values in [1, 2))."""
     port = PORTS[model_id]

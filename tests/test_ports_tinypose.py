@@ -23,9 +23,7 @@ import torch
 from torch import nn
 
 from dense import zoo
-from dense.data import data_root
-from dense.ports import ncnn as ncnn_reader
-from dense.ports.fidelity_tinypose import (
+from dense.convert.fidelity_tinypose import (
     NCNN_MODES,
     coco_ap,
     coco_results,
@@ -36,7 +34,9 @@ from dense.ports.fidelity_tinypose import (
     run_port,
     write_fixtures,
 )
-from dense.ports.source_tinypose import FIXTURE_BOX, SOURCES, build_port
+from dense.convert.source_tinypose import FIXTURE_BOX, SOURCES, build_port
+from dense.data import data_root
+from dense.ports import ncnn as ncnn_reader
 from dense.ports.tinypose import (
     COCO_KEYPOINTS,
     crop_person,
@@ -51,12 +51,12 @@ MAX_ABS_DIFF = 2e-3  # the issue's bound on the heatmaps against ncnn
 
 @functools.cache
 def bundled(model_id: str) -> nn.Module:
-    return zoo.load(model_id, device="cpu", backend="eager")
+    return zoo.load(model_id, device="cpu")
 
 
 def upstream_or_skip(model_id: str) -> None:
     try:
-        from dense.ports.source_tinypose import upstream_paths
+        from dense.convert.source_tinypose import upstream_paths
 
         upstream_paths(SOURCES[model_id])
     except FileNotFoundError as err:
@@ -321,7 +321,7 @@ def test_live_against_ncnn_on_real_crops(model_id: str) -> None:
 @pytest.mark.runtime
 @pytest.mark.parametrize("model_id", IDS)
 def test_fixture_is_what_ncnn_gives(model_id: str) -> None:
-    """Remake the fixture as ``python -m dense.ports.convert_tinypose --fixtures`` does (and
+    """Remake the fixture as ``python -m dense.convert.tinypose --fixtures`` does (and
     write it when DENSE_REGENERATE_FIXTURES=1). Another CPU may round ncnn's float32 sums
     differently: allow one float16 step at 1 (2**-10)."""
     pytest.importorskip("ncnn", reason="ncnn is not installed (requirements-runtimes.txt)")

@@ -4,10 +4,10 @@ The default tests compare the bundled model with onnxruntime's output on the ori
 stored in ``tests/fixtures/yolox`` (two 416-wide crops of example photos: every anchor's box and
 person columns of one, sampled anchors with all 85 columns of both, the decoded people), and
 check the pre- and post-processing the pose pipeline uses. Box columns are held to 1e-3 and
-probabilities to 1e-4 (see dense.ports.convert_yolox for why the boxes get more). The
+probabilities to 1e-4 (see dense.convert.yolox for why the boxes get more). The
 ``runtime`` tests run onnxruntime on ../shared/upstream/yolox/yolox_nano.onnx live, on every
 photo, and our own ONNX export; with ``DENSE_REGENERATE_FIXTURES=1`` they also rewrite the
-fixtures (``python -m dense.ports.convert_yolox --fixtures`` does the same).
+fixtures (``python -m dense.convert.yolox --fixtures`` does the same).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import torch
 from torch import nn
 
 from dense import zoo
-from dense.ports.fidelity_yolox import (
+from dense.convert.fidelity_yolox import (
     compare_with_fixture,
     differences,
     load_photo,
     run_port,
     within_tolerance,
 )
-from dense.ports.source_yolox import (
+from dense.convert.source_yolox import (
     BOX_TOLERANCE,
     EXAMPLES,
     FIXTURE_CROPS,
@@ -44,13 +44,14 @@ from dense.ports.yolox import (
     decode_detections,
     letterbox,
 )
+from dense.serve import load_served
 
 MODEL_ID = "yolox-nano"
 
 
 @functools.cache
 def port_model() -> nn.Module:
-    return zoo.load(MODEL_ID, device="cpu", backend="eager")
+    return zoo.load(MODEL_ID, device="cpu")
 
 
 def upstream_or_skip() -> Path:
@@ -130,7 +131,7 @@ def test_matches_stored_onnxruntime_output() -> None:
 
 def test_served_model_matches_stored_output() -> None:
     """What the app serves on CPU (``backend="auto"``) is held to the same tolerances."""
-    model = zoo.load(MODEL_ID, device="cpu")
+    model = load_served(MODEL_ID, device="cpu")
 
     def run(x: torch.Tensor) -> np.ndarray:
         if model.backend == "channels_last":
@@ -167,7 +168,7 @@ def test_conversion_reproduces_bundled_weights() -> None:
     """The file's initializers, paired with our convs, are exactly the bundled safetensors."""
     from safetensors.torch import load_file
 
-    from dense.ports.source_yolox import ARCH_ARGS, state_dict_from_onnx
+    from dense.convert.source_yolox import ARCH_ARGS, state_dict_from_onnx
 
     converted = state_dict_from_onnx(YOLOX(**ARCH_ARGS).eval(), upstream_or_skip())
     bundled = load_file(zoo.resolve(MODEL_ID) / zoo.WEIGHTS_FILE)
@@ -253,7 +254,7 @@ def test_finds_the_astronaut() -> None:
 def test_finds_the_people_in_coco_photos() -> None:
     """Decoded person boxes against the annotated people of the COCO sample (14, two of them
     small, mostly hidden and without keypoints)."""
-    from dense.ports.fidelity_yolox import people_in_coco_sample
+    from dense.convert.fidelity_yolox import people_in_coco_sample
 
     coco_sample_or_skip()
     model = port_model()
@@ -271,7 +272,7 @@ def test_finds_the_people_in_coco_photos() -> None:
 
 @functools.cache
 def reference():
-    from dense.ports.fidelity_yolox import reference_session
+    from dense.convert.fidelity_yolox import reference_session
 
     return reference_session(upstream_or_skip())
 
@@ -280,7 +281,7 @@ def reference():
 def test_port_matches_onnxruntime_live() -> None:
     """All real photos (examples, COCO and MPII samples), letterboxed to 416: eager and
     channels_last PyTorch against onnxruntime on the original file."""
-    from dense.ports.fidelity_yolox import photo_sets, run_reference
+    from dense.convert.fidelity_yolox import photo_sets, run_reference
 
     session = reference()
     model = port_model()
@@ -303,7 +304,7 @@ def test_port_matches_onnxruntime_live() -> None:
 def test_onnx_export_matches_original_file(tmp_path: Path) -> None:
     """Our ONNX export (what the app serves through OpenVINO or onnxruntime) in onnxruntime
     against the original file, on real photos."""
-    from dense.ports.fidelity_yolox import export_session, run_reference
+    from dense.convert.fidelity_yolox import export_session, run_reference
 
     session = reference()
     exported, _ = export_session(port_model(), tmp_path)
@@ -321,7 +322,7 @@ def test_regenerate_fixtures() -> None:
     """Rewrite tests/fixtures/yolox (only with DENSE_REGENERATE_FIXTURES=1)."""
     if os.environ.get("DENSE_REGENERATE_FIXTURES") != "1":
         pytest.skip("set DENSE_REGENERATE_FIXTURES=1 to rewrite tests/fixtures/yolox")
-    from dense.ports.fidelity_yolox import read_fixture, write_fixtures
+    from dense.convert.fidelity_yolox import read_fixture, write_fixtures
 
     upstream_or_skip()
     write_fixtures()

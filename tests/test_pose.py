@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dense import cli, zoo
+from dense import cli, serve, zoo
 from dense.tasks import pose as pt
 from dense.ui import pose as ui
 
@@ -49,8 +49,8 @@ class Counting(torch.nn.Module):
 @pytest.fixture(scope="module")
 def counting() -> tuple[Counting, Counting]:
     """(landmark model, detector) of blazepose-lite, counting their calls."""
-    return (Counting(zoo.cached_load("blazepose-lite", "cpu")),
-            Counting(zoo.cached_load(pt.DETECTOR, "cpu")))
+    return (Counting(serve.cached_load("blazepose-lite", "cpu")),
+            Counting(serve.cached_load(pt.DETECTOR, "cpu")))
 
 
 @pytest.fixture()

@@ -19,12 +19,13 @@ import pytest
 import torch
 from torch import nn
 
-from dense import zoo
+from dense import serve, zoo
 from dense.cli import main
 from dense.data import data_root
 from dense.images import read_image, save_png
 from dense.nn.discriminator import PatchDiscriminator
 from dense.tasks import restoration as R
+from dense.tasks.restoration import inference
 from dense.train import bf16_autocast
 
 EXAMPLES = zoo.REPO_ROOT / "examples"
@@ -70,7 +71,7 @@ def test_bundled_sr_models_reproduce_their_cards_on_set5() -> None:
     it was fine-tuned from (the app's default side-by-side)."""
     measured = {}
     for model_id in ("unet-sr-x2", "unet-sr-x4", "unet-sr-x4-gan"):
-        model = zoo.load(model_id, device="cpu", backend="eager")
+        model = zoo.load(model_id, device="cpu")
         scale = model.config["scale"]
         folder = DATA / f"sr/benchmark/Set5/x{scale}"
         measured[model_id] = R.evaluate_sr(model, folder / "hr", folder / "lr", scale)
@@ -193,7 +194,7 @@ def test_kernel_banks_load() -> None:
 
 @pytest.mark.parametrize("model_id", ["waifu2x-photo-x2", "realesr-animevideov3"])
 def test_tiled_equals_untiled(model_id: str) -> None:
-    model = zoo.cached_load(model_id, device="cpu")
+    model = serve.cached_load(model_id, device="cpu")
     x = R.to_tensor(photo()[60:124, 150:230])  # 64×80: 3×3 tiles of 32
     with torch.inference_mode():
         whole = model(x)
@@ -239,8 +240,9 @@ def test_out_of_memory_falls_back_to_cpu_simulated(caplog: pytest.LogCaptureFixt
     no GPU) and runs out of memory at every tile size; run_tiled must halve the tiles, then move
     to a CPU copy, and still give the right result."""
     always = OOMAbove(0)
-    monkeypatch.setattr(R, "model_device", lambda m: torch.device("meta"))
-    monkeypatch.setattr(R, "_cpu_copy", lambda m: R.BicubicUpscaler(2))
+    # Patched where run_tiled looks them up: the module that defines it.
+    monkeypatch.setattr(inference, "model_device", lambda m: torch.device("meta"))
+    monkeypatch.setattr(inference, "_cpu_copy", lambda m: R.BicubicUpscaler(2))
     x = torch.rand(1, 3, 40, 40)
     with caplog.at_level(logging.WARNING, logger="dense.tasks.restoration"):
         out = R.run_tiled(always, x, 2, tile=64)
@@ -299,7 +301,7 @@ def test_tiny_model_overfits_a_tiny_pair() -> None:
     hr = photo()[60:92, 150:182]  # fur: bicubic leaves a lot to learn here (28.5 dB)
     lr = R.to_tensor(R.degrade_sr(hr, 2))
     target = R.to_tensor(hr)
-    model = R.build_generator({"task": "sr", "scale": 2, "model": TINY_MODEL})
+    model = R.build_generator(tiny_config(Path("unused")))
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     first = None
     for _ in range(150):
@@ -325,7 +327,7 @@ def changed(module: nn.Module, before: list[torch.Tensor]) -> bool:
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
 def test_gan_phases_update_only_their_own_network(amp: bool) -> None:
     torch.manual_seed(0)
-    g = R.build_generator({"task": "sr", "scale": 2, "model": TINY_MODEL})
+    g = R.build_generator(tiny_config(Path("unused")))
     d = PatchDiscriminator(base_channels=8, n_layers=2)
     opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 1e-3)
     lr, hr = torch.rand(4, 3, 16, 16), torch.rand(4, 3, 32, 32)
@@ -434,6 +436,39 @@ def test_train_gan_runs_and_resumes(tiny_data: Path, tmp_path: Path) -> None:
     assert "adversarial loss" in (folder / "README.md").read_text()
 
 
+def test_train_gan_by_minutes_on_the_shared_loop(tiny_data: Path, tmp_path: Path) -> None:
+    """The GAN runs on dense.train.train_loop, so `--minutes` stops it as it stops an L2 run:
+    after the epoch in which the time ran out, with everything a resume needs saved."""
+    config = tiny_config(tmp_path)
+    config["train"].update(epochs=50, minutes=1e-4)  # 6 ms: one epoch, then the clock is up
+    run = R.train_gan(config, tiny_data, log=lambda _: None)
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1]
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert {"generator", "discriminator", "opt_g", "opt_d", "history"} <= set(state)
+    assert (run / "model/model.safetensors").is_file()
+
+
+def test_a_misspelt_config_key_is_an_error_that_names_it(tmp_path: Path) -> None:
+    from dense.config import ConfigError, RestorationConfig, load
+
+    config = tiny_config(tmp_path, "deblur")
+    config["train"]["max_nosie"] = 3.0
+    with pytest.raises(ConfigError, match=r"'max_nosie' in \[train\].*'max_noise'"):
+        load(RestorationConfig, config)
+    config = tiny_config(tmp_path)
+    config["gan"]["adv_wieght"] = 0.1
+    with pytest.raises(ConfigError, match=r"'adv_wieght' in \[gan\]"):
+        R.train_gan(config, tmp_path)
+    config = tiny_config(tmp_path)
+    config["model"]["upsampeler"] = "nearest"
+    with pytest.raises(ConfigError, match=r"'upsampeler' in \[model\].*'upsampler'"):
+        R.build_generator(config)
+    config = tiny_config(tmp_path)
+    config["train"]["amp"] = "fp16"  # once trained silently in fp32
+    with pytest.raises(ConfigError, match="fp16"):
+        load(RestorationConfig, config)
+
+
 def test_gradient_ratio_is_one_for_the_target_and_lower_when_blurred() -> None:
     sharp = photo()[:96, :128]
     assert R.score(sharp, sharp, 4)["gradient_ratio"] == pytest.approx(1.0)
@@ -490,7 +525,8 @@ def test_tab_restores_a_photo_with_metrics() -> None:
     pair, scores = tab.compare_models(str(EXAMPLES / "coffee.png"), "Deblur", "identity",
                                       "identity", True)
     assert pair[0].shape == photo("coffee.png").shape and "identity" in scores
-    with pytest.raises(gr.Error, match="limit"):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(gr.Error, match="limit"):
+        patch.setenv("DENSE_RESTORE_MAX_SECONDS", "0.001")  # any real job is estimated above
         big = np.zeros((1100, 1100, 3), np.uint8)
         tab.restore_event(big, "Super-resolution ×2", "bicubic", False)
 
@@ -499,7 +535,7 @@ def test_oom_module_copy_is_independent() -> None:
     """The CPU fallback works on a copy: the shared model object is left as it was."""
     model = OOMAbove(10)
     model.config = {"scale": 2}
-    cpu = R._cpu_copy(model)
+    cpu = inference._cpu_copy(model)
     assert cpu is not model and cpu.config == model.config
     assert copy.deepcopy(model).limit == 10
 

@@ -216,7 +216,7 @@ def test_everyday_segments_people_in_a_room_a_room_and_a_cat() -> None:
 def test_everyday_is_a_distribution_over_the_union_of_both_label_sets() -> None:
     from dense import zoo
 
-    model = zoo.load("everyday", device="cpu", backend="eager")
+    model = zoo.load("everyday", device="cpu")
     scene, objects = (zoo.read_config(zoo.resolve(m)) for m in ("mosaic-ade31", "espnetv2-voc"))
     names = model.config["labels"]
     assert names[:32] == scene["labels"] and "cat" in names and "dog" in names

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from dense import zoo
+from dense.config import SegmentationConfig
 from dense.nn.unet import UNet
 from dense.tasks import segmentation_training as seg_training
 from dense.train import (
@@ -51,23 +53,67 @@ def test_amp_is_bf16_or_absent() -> None:
         bf16_autocast(torch.device("cpu"), "fp16")
 
 
-def test_command_line_overrides_the_config(tmp_path) -> None:
+def run_arguments(tmp_path, *argv: str):
+    """A `dense train seg` config file and the parsed command line over it."""
     import argparse
 
     config = tmp_path / "run.toml"
-    config.write_text('id = "x"\nrun_dir = "runs/x"\n[train]\nepochs = 5\nlr = 2e-4\n')
+    config.write_text('id = "x"\nrun_dir = "runs/x"\ndata = "seg/x"\n'
+                      '[model]\nencoder = "plain"\n'
+                      '[train]\nepochs = 5\nlr = 2e-4\nbatch_size = 2\n'
+                      'crop = [8, 8]\nscale = [1.0, 1.0]\n')
     parser = argparse.ArgumentParser()
     add_run_arguments(parser)
-    args = parser.parse_args([str(config), "--lr", "1e-4", "--minutes", "7", "--steps", "3",
-                              "--run-dir", str(tmp_path / "r"), "--device", "cpu",
-                              "--data", str(tmp_path)])
-    got, root = read_run_config(args)
-    assert got["train"] == {"epochs": 5, "lr": 1e-4, "minutes": 7.0, "steps_per_epoch": 3,
-                            "device": "cpu"}
-    assert got["run_dir"] == str(tmp_path / "r") and root == tmp_path
-    untouched, _ = read_run_config(parser.parse_args([str(config), "--data", str(tmp_path),
-                                                      "--device", "cpu"]))
-    assert untouched["train"]["lr"] == 2e-4
+    return parser.parse_args([str(config), "--data", str(tmp_path), "--device", "cpu", *argv])
+
+
+def test_command_line_overrides_the_config(tmp_path) -> None:
+    args = run_arguments(tmp_path, "--lr", "1e-4", "--minutes", "7", "--steps", "3",
+                         "--run-dir", str(tmp_path / "r"))
+    got, root = read_run_config(args, SegmentationConfig)
+    assert (got.train.epochs, got.train.lr, got.train.minutes) == (5, 1e-4, 7.0)
+    assert (got.train.steps_per_epoch, got.train.device) == (3, "cpu")
+    assert got.run_dir == str(tmp_path / "r") and root == tmp_path
+    untouched, _ = read_run_config(run_arguments(tmp_path), SegmentationConfig)
+    assert untouched.train.lr == 2e-4 and untouched.train.minutes is None
+    assert untouched.train.weight_decay == 1e-4  # the default, written once in dense.config
+
+
+def test_an_override_of_zero_is_honoured(tmp_path) -> None:
+    got, _ = read_run_config(run_arguments(tmp_path, "--lr", "0", "--epochs", "0"),
+                             SegmentationConfig)
+    assert got.train.lr == 0 and got.train.epochs == 0
+
+
+def test_a_misspelt_key_is_an_error_that_names_it_and_its_section(tmp_path) -> None:
+    args = run_arguments(tmp_path)
+    args.config.write_text(args.config.read_text().replace("lr = ", "lrate = "))
+    with pytest.raises(SystemExit, match=r"'lrate' in \[train\]; known: .*\blr\b"):
+        read_run_config(args, SegmentationConfig)
+
+
+def test_every_config_and_run_folder_config_loads() -> None:
+    """configs/ (the lab's included) and the run folders' config.json read strictly."""
+    from dense.config import KeypointConfig, LabConfig, RestorationConfig, load
+
+    def kind(config: dict):
+        if "seeds" in config:
+            return LabConfig
+        if "task" in config:
+            return RestorationConfig
+        return KeypointConfig if "train_json" in str(config.get("data")) else SegmentationConfig
+
+    root = zoo.REPO_ROOT
+    files = [*root.glob("configs/**/*.toml"), *root.glob("runs/**/config.json")]
+    assert len(files) > 20
+    for path in files:
+        raw = (json.loads(path.read_text()) if path.suffix == ".json"
+               else tomllib.loads(path.read_text()))
+        if "train" not in raw or path.parent.name == "model":
+            continue  # a model folder's config.json is the zoo's, not a run's
+        load(kind(raw), path)
+    camvid = json.loads((root / "weights/unet-camvid/config.json").read_text())
+    load(SegmentationConfig, camvid["training"]["config"])  # a run config kept in a card
 
 
 def test_cosine_runs_from_one_to_zero() -> None:

@@ -61,7 +61,7 @@ def test_bundled_models_are_listed_with_params() -> None:
 
 
 def test_every_bundled_folder_is_complete_and_verifies() -> None:
-    for info in dense.list_models():
+    for info in (m for m in dense.list_models() if m.location == "bundled"):
         for name in ("config.json", "model.safetensors", "README.md"):
             assert (info.folder / name).is_file(), f"{info.id} lacks {name}"
         zoo.verify(info.folder, zoo.read_config(info.folder))
@@ -106,6 +106,10 @@ def test_hub_download_cache_and_offline_reload(tiny_folder: Path, hub_env: Path,
                    for r in hub.requests)
     snapshot = hub_env / "models--acme--tiny-unet" / "snapshots" / hub.commit
     assert (snapshot / "model.safetensors").is_file()
+    # Listed as the Hub cache holds it, under the id that loads it.
+    cached = {m.id: m for m in dense.list_models() if m.location == "hub cache"}
+    assert cached["acme/tiny-unet"].folder == snapshot
+    assert cached["acme/tiny-unet"].task == "segmentation"
     # The server is gone: the second load comes from the cache.
     again = dense.load("acme/tiny-unet", device="cpu")
     x = torch.rand(1, 3, 8, 8)
@@ -167,36 +171,6 @@ def test_pickles_are_never_loaded(tiny_folder: Path) -> None:
     shutil.move(tiny_folder / "model.safetensors", tiny_folder / "pytorch_model.bin")
     with pytest.raises(zoo.ModelError, match="no model.safetensors"):
         dense.load(str(tiny_folder), device="cpu")
-
-
-def test_a_slow_first_load_does_not_block_models_already_loaded(monkeypatch) -> None:
-    import threading
-
-    from dense import zoo as z
-
-    ready = z.cached_load("selfie-seg", "cpu")
-    started, release = threading.Event(), threading.Event()
-    real_load = z.load
-
-    def slow_load(name, device="auto", **kwargs):
-        if name == "waifu2x-photo-x2":
-            started.set()
-            assert release.wait(10)
-        return real_load(name, device, **kwargs)
-
-    monkeypatch.setattr(z, "load", slow_load)
-    monkeypatch.delitem(z._cache, ("waifu2x-photo-x2", "cpu"), raising=False)
-    results = []
-    worker = threading.Thread(target=lambda: results.append(z.cached_load("waifu2x-photo-x2",
-                                                                          "cpu")))
-    worker.start()
-    assert started.wait(10)
-    try:
-        assert z.cached_load("selfie-seg", "cpu") is ready  # answered while the other loads
-    finally:
-        release.set()
-        worker.join(30)
-    assert results and z.cached_load("waifu2x-photo-x2", "cpu") is results[0]
 
 
 @pytest.mark.parametrize(("model_id", "missing"), [

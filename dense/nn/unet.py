@@ -19,6 +19,8 @@ the output is cropped back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,13 +30,15 @@ from dense.nn.upsample import make_upsampler
 
 
 class DecoderBlock(nn.Module):
-    """Upsample ×2, concatenate the skip features, then a conv block."""
+    """Upsample ×2, concatenate the skip features, then a block: the encoder's own kind when it
+    has one (``make_stage``, the gated encoder), else a conv block."""
 
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int, upsampler: str,
-                 norm: str) -> None:
+                 norm: str, make_stage: Callable[[int, int], nn.Module] | None = None) -> None:
         super().__init__()
         self.up = make_upsampler(upsampler, in_channels, out_channels, 2)
-        self.block = conv_block(out_channels + skip_channels, out_channels, norm)
+        self.block = (make_stage(out_channels + skip_channels, out_channels) if make_stage
+                      else conv_block(out_channels + skip_channels, out_channels, norm))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         x = self.up(x)
@@ -76,6 +80,7 @@ class UNet(nn.Module):
             learns only the missing detail).
         norm: "batch" or "none" (restoration models often train better without batch norm).
         encoder_channels: channel widths of the ``plain`` encoder (its depth is len - 1).
+        blocks: gated blocks per level of the ``gated`` encoder and of the decoder with it.
         refine_blocks: ``WideResidualBlock``s on the full-resolution decoder output, before
             any upscaling. Super-resolution networks (EDSR, WDSR) put their depth at the input
             resolution, where a layer costs 1/scale² of one at the output's.
@@ -92,9 +97,11 @@ class UNet(nn.Module):
         norm: str = "batch",
         encoder_channels: tuple[int, ...] | list[int] | None = None,
         refine_blocks: int = 0,
+        blocks: int = 2,
     ) -> None:
         super().__init__()
-        self.encoder = make_encoder(encoder, encoder_channels, norm)
+        self.encoder = make_encoder(encoder, encoder_channels, norm, blocks)
+        make_stage = getattr(self.encoder, "make_stage", None)
         depth = self.encoder.depth
         if len(decoder_channels) != depth:
             raise ValueError(f"decoder_channels needs {depth} entries for encoder '{encoder}', "
@@ -107,7 +114,7 @@ class UNet(nn.Module):
         skips = self.encoder.out_channels[:-1][::-1]  # deepest first, matching the decoder
         ins = (self.encoder.out_channels[-1], *decoder_channels[:-1])
         self.decoder = nn.ModuleList(
-            DecoderBlock(i, s, o, upsampler, norm)
+            DecoderBlock(i, s, o, upsampler, norm, make_stage)
             for i, s, o in zip(ins, skips, decoder_channels, strict=True)
         )
         width = decoder_channels[-1]
@@ -136,9 +143,9 @@ class UNet(nn.Module):
 
 
 def load_pretrained_encoder(model: UNet, model_id: str = "efficientnet-lite0") -> UNet:
-    """Copy a bundled classifier's encoder weights (ImageNet EfficientNet-Lite0) into a U-Net."""
-    from dense.zoo import load
+    """Moved to :func:`dense.zoo.load_pretrained_encoder` (the building blocks do not know where
+    weights live). TEMPORARY: kept until dense.tasks.segmentation_training and
+    dense.tasks.keypoints import it from the zoo; it is the last arrow from nn to the zoo."""
+    from dense.zoo import load_pretrained_encoder as from_zoo
 
-    source = load(model_id, device="cpu", backend="eager").encoder.state_dict()
-    model.encoder.load_state_dict(source)
-    return model
+    return from_zoo(model, model_id)

@@ -153,7 +153,7 @@ def roi_to_crop(roi: Roi, size: int) -> np.ndarray:
     return cv2.invertAffineTransform(roi.crop_to_image(size))
 
 
-def to_tensor(crops: list[np.ndarray], value_range: tuple[float, float]) -> torch.Tensor:
+def crops_to_tensor(crops: list[np.ndarray], value_range: tuple[float, float]) -> torch.Tensor:
     """uint8 H×W×3 crops → N×3×H×W float in ``value_range`` (MediaPipe: v·(max−min)/255+min)."""
     lo, hi = value_range
     batch = np.stack(crops).astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
@@ -218,7 +218,7 @@ def detect_people(image_rgb: np.ndarray, detector: Model,
     """Run the detector on a whole image; detections in image pixels, best first."""
     crop, roi = letterbox(image_rgb)
     with torch.inference_mode():
-        out = detector(to_tensor([crop], DETECTOR_RANGE))
+        out = detector(crops_to_tensor([crop], DETECTOR_RANGE))
     found = decode_detections(out["regressors"][0].float().cpu().numpy(),
                               out["scores"][0].float().cpu().numpy(), min_score)
     # DetectionLetterboxRemoval, then to pixels: both are the letterbox crop's affine.
@@ -307,7 +307,7 @@ def landmarks_in_rois(image_rgb: np.ndarray, rois: list[Roi],
                             flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
              for a in affines]
     with torch.inference_mode():
-        out = landmark_model(to_tensor(crops, (0.0, 1.0)))
+        out = landmark_model(crops_to_tensor(crops, (0.0, 1.0)))
     out = {k: v.float().cpu().numpy() for k, v in out.items()}
     results = []
     for i, (roi, affine) in enumerate(zip(rois, affines, strict=True)):

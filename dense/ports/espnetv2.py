@@ -2,7 +2,7 @@
 
 The network of sacmehta/EdgeNets (MIT), written anew from the paper and the facts of that
 repository; the weights of its Pascal VOC and Cityscapes models convert one to one
-(``dense.ports.convert_espnetv2``). It is small (0.79 M parameters) because almost every
+(``dense.convert.espnetv2``). It is small (0.79 M parameters) because almost every
 convolution is depth-wise or grouped.
 
 Encoder (strides 2, 4, 8, 16; 32, 128, 256 and 512 channels at s = 2.0):

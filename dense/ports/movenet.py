@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dense.images import to_tensor
 from dense.ports.tfjs import TFJSGraph
 
 NUM_KEYPOINTS = 17
@@ -122,7 +123,7 @@ def multipose_input(rgb: np.ndarray, long_side: int = 256
     ph, pw = (-(-rh // SIZE_MULTIPLE) * SIZE_MULTIPLE, -(-rw // SIZE_MULTIPLE) * SIZE_MULTIPLE)
     padded = np.zeros((ph, pw, 3), np.uint8)
     padded[:rh, :rw] = resized
-    x = torch.from_numpy(padded).permute(2, 0, 1)[None].float() / 255.0
+    x = to_tensor(padded)
     return x, (w / rw, h / rh)
 
 
@@ -133,4 +134,4 @@ def lightning_input(rgb: np.ndarray) -> torch.Tensor:
     shrink = h > LIGHTNING_SIZE or w > LIGHTNING_SIZE
     small = cv2.resize(np.ascontiguousarray(rgb), (LIGHTNING_SIZE, LIGHTNING_SIZE),
                        interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return torch.from_numpy(small).permute(2, 0, 1)[None].float() / 255.0
+    return to_tensor(small)

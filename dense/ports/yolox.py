@@ -2,7 +2,7 @@
 
 Written from the architecture of Megvii's YOLOX (CSPDarknet backbone, YOLOPAFPN neck, decoupled
 head) as it appears in the published ``yolox_nano.onnx``; the weights are copied from that file
-by :mod:`dense.ports.convert_yolox`. The exported graph has every BatchNorm folded into the conv
+by :mod:`dense.convert.yolox`. The exported graph has every BatchNorm folded into the conv
 before it, so each conv here carries a bias and there is no BatchNorm; all activations are SiLU.
 
 Contract (``yolox-nano``): N×3×416×416 RGB in [0, 1] → N×3549×85, exactly what the original file
@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dense.images import to_tensor
 
 STRIDES = (8, 16, 32)
 PAD_VALUE = 114  # the grey YOLOX pads its letterbox with, in 0–255
@@ -293,7 +295,7 @@ def letterbox(rgb: np.ndarray, size: int | tuple[int, int] = 416
                          interpolation=cv2.INTER_LINEAR)
     canvas = np.full((out_h, out_w, 3), PAD_VALUE, dtype=np.uint8)
     canvas[:new_h, :new_w] = resized
-    tensor = torch.from_numpy(canvas.transpose(2, 0, 1).astype(np.float32) / 255.0)[None]
+    tensor = to_tensor(canvas)
     return tensor, scale, (0.0, 0.0)
 
 

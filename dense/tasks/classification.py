@@ -9,17 +9,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from torch import nn
 
-from dense.devices import inference, model_device
-from dense.images import read_image
-
-
-def to_tensor(rgb: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
-    """H×W×3 uint8 RGB → 1×3×H×W float in [0, 1]."""
-    tensor = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255
-    return tensor.to(device) if device is not None else tensor
+from dense.images import read_image, to_tensor
+from dense.serve.devices import inference, model_device
 
 
 def classify(model: nn.Module, image: str | Path | np.ndarray, k: int = 5) -> list[dict]:
@@ -38,9 +31,9 @@ def classify(model: nn.Module, image: str | Path | np.ndarray, k: int = 5) -> li
 
 def _predict(args: argparse.Namespace) -> int:
     from dense.images import ImageError
-    from dense.zoo import load
+    from dense.serve import load_served
 
-    model = load(args.model, device=args.device)
+    model = load_served(args.model, device=args.device)
     status = 0
     for path in args.images:
         try:

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dense.devices import inference, model_device
 from dense.images import DecodedImage
+from dense.serve.devices import inference, model_device
 from dense.tasks import pose as pt
 
 # Pipeline id → what it is, in the words the app's dropdown shows.
@@ -193,10 +193,10 @@ Pipeline = TopDown | MoveNet | BlazePose
 def load_pipeline(pipeline_id: str, loader: Callable[[str], nn.Module] | None = None
                   ) -> Pipeline:
     """The pipeline ``pipeline_id`` (a key of :data:`PIPELINES`) from the zoo's models
-    (``loader`` defaults to ``dense.zoo.cached_load``, the app's shared instances)."""
-    from dense import zoo
+    (``loader`` defaults to ``dense.serve.cached_load``, the app's shared instances)."""
+    from dense import serve
 
-    loader = loader or zoo.cached_load
+    loader = loader or serve.cached_load
     if pipeline_id in KEYPOINT_MODELS:
         return TopDown(loader(DETECTOR), loader(KEYPOINT_MODELS[pipeline_id]),
                        model_id=pipeline_id)
@@ -399,11 +399,11 @@ def ground_truth_box_results(keypoint_model: nn.Module, people: Sequence[object]
 def load_for_predict(options: dict) -> Pipeline:
     """The pipeline ``dense predict pose`` runs: what :func:`predict_one` takes (the Ray
     engine's workers call this once each)."""
-    from dense import zoo
+    from dense.serve import load_served
 
     if options.get("threads"):
         torch.set_num_threads(options["threads"])
-    loader = lambda name: zoo.load(name, device=options["device"])  # noqa: E731
+    loader = lambda name: load_served(name, device=options["device"])  # noqa: E731
     if options["model"] in pt.LANDMARK_MODELS:
         # Built here rather than by load_pipeline: --coco17 off needs the estimator's 33 points.
         return BlazePose(pt.PoseEstimator(loader(options["model"]), loader(pt.DETECTOR)))

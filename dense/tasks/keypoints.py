@@ -15,19 +15,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 from torch import nn
 
-from dense.devices import inference, model_device
+from dense.cards import model_card
+from dense.config import KeypointConfig, ensure
 from dense.images import read_image
+from dense.serve.devices import inference, model_device
 from dense.tasks.pose import COCO17_NAMES
 
 # Left/right partners, swapped when a crop is mirrored.
@@ -270,10 +275,15 @@ def keypoint_results(model: nn.Module, coco: dict, people: list[Person],
 # Training
 
 
-def build_model(config: dict) -> nn.Module:
-    from dense.nn.unet import UNet, load_pretrained_encoder
+Config = KeypointConfig | dict[str, Any]
 
-    model_cfg = dict(config["model"])
+
+def build_model(config: Config) -> nn.Module:
+    from dense.nn.unet import UNet
+    from dense.zoo import load_pretrained_encoder
+
+    config = ensure(KeypointConfig, config)
+    model_cfg = dict(config.model)
     encoder_weights = model_cfg.pop("encoder_weights", None)
     model = UNet(out_channels=len(COCO17_NAMES), **model_cfg)
     if encoder_weights:
@@ -281,25 +291,24 @@ def build_model(config: dict) -> nn.Module:
     return model
 
 
-def train_from_config(config: dict, data_root: Path, log=print) -> Path:
+def train_from_config(config: Config, data_root: Path,
+                      log: Callable[[str], None] = print) -> Path:
     """`dense train keypoints CONFIG`: train a keypoint U-Net; the best weights (by OKS AP on
     the validation annotations) are exported as a zoo folder ``run_dir/model``."""
-    from dense.train import distributed_setup, fit, is_main, shard_sampler, shard_seed
+    from dense.train import fit, is_main, prepare_run, shard_sampler, shard_seed
 
-    train, data = config["train"], config["data"]
-    # Under torchrun: join the process group first, so that the data can be sharded by rank.
-    device = distributed_setup(train.get("device", "cpu"))
-    torch.manual_seed(train.get("seed", 0))
-    torch.set_num_threads(train.get("threads", torch.get_num_threads()))
-    size = tuple(train["input_size"])
-    _, train_people = read_coco(data_root / data["train_json"])
-    val_coco, val_people = read_coco(data_root / data["val_json"])
-    crops = KeypointCrops(train_people, data_root / data["train_images"], size, train["sigma"],
-                          augment=train.get("augment", True),
-                          seed=shard_seed(train.get("seed", 0)))  # own augmentations per rank
-    sampler = shard_sampler(crops, train.get("seed", 0))  # None in a plain run
+    config = ensure(KeypointConfig, config)
+    train, data = config.train, config.data
+    run_dir, device = prepare_run(config)
+    size = tuple(train.input_size)
+    _, train_people = read_coco(data_root / data.train_json)
+    val_coco, val_people = read_coco(data_root / data.val_json)
+    crops = KeypointCrops(train_people, data_root / data.train_images, size, train.sigma,
+                          augment=train.augment,
+                          seed=shard_seed(train.seed))  # own augmentations per rank
+    sampler = shard_sampler(crops, train.seed)  # None in a plain run
     share = len(sampler) if sampler is not None else len(crops)
-    loader = torch.utils.data.DataLoader(crops, batch_size=min(train["batch_size"], share),
+    loader = torch.utils.data.DataLoader(crops, batch_size=min(train.batch_size, share),
                                          shuffle=sampler is None, sampler=sampler,
                                          drop_last=True, num_workers=0)
     model = build_model(config)
@@ -314,59 +323,57 @@ def train_from_config(config: dict, data_root: Path, log=print) -> Path:
             yield from loader
 
     def evaluate(m: nn.Module) -> dict:
-        results = keypoint_results(m, val_coco, val_people, data_root / data["val_images"])
+        results = keypoint_results(m, val_coco, val_people, data_root / data.val_images)
         return {"ap": oks_ap(val_coco, results)["ap"]}
 
-    run_dir = Path(config["run_dir"])
-    if is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-
     def loss(maps: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return keypoint_loss(maps, target, train.get("foreground_weight", 0.0))
+        return keypoint_loss(maps, target, train.foreground_weight)
 
-    fit(model, batches, loss, evaluate, run_dir, epochs=train["epochs"],
-        steps_per_epoch=train["steps_per_epoch"], lr=train["lr"],
-        weight_decay=train.get("weight_decay", 1e-4), monitor="ap",
-        device=device, minutes=train.get("minutes"), amp=train.get("amp"),
-        log=log)
+    fit(model, batches, loss, evaluate, run_dir, epochs=train.epochs,
+        steps_per_epoch=train.steps_per_epoch, lr=train.lr, weight_decay=train.weight_decay,
+        monitor="ap", device=device, minutes=train.minutes, amp=train.amp, log=log)
     if is_main():
         best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
         export_model(best["model"], config, best["metrics"], run_dir / "model")
     return run_dir
 
 
-def zoo_config(config: dict) -> dict:
-    arch_args = {k: v for k, v in config["model"].items() if k != "encoder_weights"}
+def zoo_config(config: Config) -> dict:
+    config = ensure(KeypointConfig, config)
+    arch_args = {k: v for k, v in config.model.items() if k != "encoder_weights"}
     return {
-        "id": config["id"], "task": "keypoints", "architecture": "unet",
+        "id": config.id, "task": "keypoints", "architecture": "unet",
         "arch_args": {"out_channels": len(COCO17_NAMES), **arch_args},
         "labels": list(COCO17_NAMES), "flip_pairs": [list(p) for p in COCO17_FLIP],
         "input": {"layout": "NCHW", "colour": "RGB", "range": [0, 1],
-                  "size": list(config["train"]["input_size"]),
+                  "size": list(config.train.input_size),
                   "crop": f"person box padded ×{BOX_PADDING} to the input's aspect"},
-        "output": f"K×H×W confidence maps (Gaussian, sigma {config['train']['sigma']} px)",
+        "output": f"K×H×W confidence maps (Gaussian, sigma {config.train.sigma} px)",
     }
 
 
-def export_model(state: dict, config: dict, metrics: dict, folder: Path) -> Path:
+def export_model(state: dict, config: Config, metrics: dict, folder: Path) -> Path:
+    """A keypoint run's weights as a zoo folder, with its card (``dense.cards``)."""
     from dense.zoo import save_folder
 
-    zoo = {**zoo_config(config), "metrics": metrics, "licence": config.get("licence", "")}
-    card = f"""# {config['id']}
-
-**Task:** keypoint detection (COCO's 17 body keypoints), top-down: one person box in, 17
-confidence maps out. **Architecture:** `dense.nn.unet.UNet` ({json.dumps(zoo['arch_args'])}).
-
-**Input:** a person crop, N×3×{config['train']['input_size'][0]}×{config['train']['input_size'][1]}
-RGB in [0, 1] ({zoo['input']['crop']}). **Output:** {zoo['output']}; decode with
-`dense.tasks.keypoints.decode_peaks`.
-
-**Training:** `dense train keypoints` with {json.dumps(config['train'])} on
-{config['data']['train_json']}.
-
-**Measured** (OKS AP on {config['data']['val_json']}, ground-truth boxes): {json.dumps(metrics)}
-"""
+    config = ensure(KeypointConfig, config)
+    zoo = {**zoo_config(config), "metrics": metrics, "licence": config.licence}
+    height, width = config.train.input_size
+    train = {k: v for k, v in dataclasses.asdict(config.train).items() if v is not None}
+    card = model_card(config.id, licence="other", tags=["keypoint-detection", "unet", "coco"],
+                      sections={
+        "Task": "keypoint detection (COCO's 17 body keypoints), top-down: one person box in, "
+                "17 confidence maps out.",
+        "Architecture": f"`dense.nn.unet.UNet` ({json.dumps(zoo['arch_args'])}).",
+        "Input": f"a person crop, N×3×{height}×{width} RGB in [0, 1] ({zoo['input']['crop']}). "
+                 f"**Output:** {zoo['output']}; decode with "
+                 "`dense.tasks.keypoints.decode_peaks`.",
+        "Training": f"`dense train keypoints` with {json.dumps(train)} on "
+                    f"{config.data.train_json}.",
+        "Measured": f"OKS AP on {config.data.val_json}, ground-truth boxes: "
+                    f"{json.dumps(metrics)}.",
+        "Licence": config.licence or "see the training data's licences.",
+    })
     return save_folder(folder, state, zoo, card)
 
 
@@ -377,7 +384,7 @@ RGB in [0, 1] ({zoo['input']['crop']}). **Output:** {zoo['output']}; decode with
 def _train(args: argparse.Namespace) -> int:
     from dense.train import read_run_config
 
-    config, root = read_run_config(args)
+    config, root = read_run_config(args, KeypointConfig)
     if root is None:
         return 2
     run_dir = train_from_config(config, root)

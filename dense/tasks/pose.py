@@ -106,10 +106,10 @@ class PoseEstimator:
     @classmethod
     def load(cls, model_id: str = "blazepose-full", device: str = "cpu",
              loader: Callable[..., nn.Module] | None = None) -> PoseEstimator:
-        """Load from the zoo (``loader`` defaults to ``dense.zoo.cached_load``)."""
-        from dense import zoo
+        """Load from the zoo, served (``loader`` defaults to ``dense.serve.cached_load``)."""
+        from dense import serve
 
-        loader = loader or zoo.cached_load
+        loader = loader or serve.cached_load
         return cls(loader(model_id, device=device), loader(DETECTOR, device=device))
 
     def estimate(self, rgb: np.ndarray, max_people: int = 1) -> list[bp.Pose]:

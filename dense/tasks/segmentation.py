@@ -25,10 +25,9 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from dense.devices import inference, model_device
-from dense.images import DecodedImage, read_image
+from dense.images import IMAGE_SUFFIXES, DecodedImage, read_image, to_tensor
+from dense.serve.devices import inference, model_device
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +191,7 @@ def predict(model: nn.Module, rgb: np.ndarray) -> Segmentation:
     size = working_size(config, height, width)
     if size != (height, width):  # OpenCV's area filter on uint8: antialiased and fast at 12 MP
         rgb = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255
+    x = to_tensor(rgb)
     with inference(device):
         out = model(x.to(device)).float()
         flip = bool(config.get("test_time_flip")) and out.shape[1] > 1
@@ -316,9 +315,9 @@ def _classes(root: Path) -> dict:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from dense.zoo import load
+    from dense.serve import load_served
 
-    model = load(args.model, device=args.device)
+    model = load_served(args.model, device=args.device)
     result = evaluate_folder(model, pair_files(args.images, args.labels))
     for name, iou in result["per_class"].items():
         print(f"{name:14} IoU {'   n/a' if iou is None else f'{iou:6.4f}'}")
@@ -330,9 +329,9 @@ def _eval(args: argparse.Namespace) -> int:
 def load_for_predict(options: dict) -> nn.Module:
     """The model ``dense predict seg`` runs: what :func:`predict_one` takes (``options`` as
     :func:`predict_options` makes them; the Ray engine's workers call this once each)."""
-    from dense.zoo import load
+    from dense.serve import load_served
 
-    return load(options["model"], device=options["device"])
+    return load_served(options["model"], device=options["device"])
 
 
 def predict_options(args: argparse.Namespace) -> dict:

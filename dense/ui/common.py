@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dense import zoo
-from dense.devices import pick_device
+from dense import serve, zoo
 from dense.images import DecodedImage, ImageError, read_image, save_png
+from dense.serve import pick_device
 
 EXAMPLES_DIR = zoo.REPO_ROOT / "examples"
 QUEUE_SIZE = int(os.environ.get("DENSE_QUEUE_SIZE", "32"))
@@ -56,7 +56,7 @@ def example_photos() -> list[str]:
 def get_model(name: str) -> nn.Module:
     """The shared instance of model ``name``; a load failure becomes a message for the user."""
     try:
-        return zoo.cached_load(name)
+        return serve.cached_load(name)
     except zoo.ModelError as err:
         raise gr.Error(str(err)) from err
 
@@ -79,7 +79,8 @@ def warm_up(names: tuple[str, ...] = WARM_MODELS) -> None:
 
 def models_for(task: str) -> list[str]:
     """Ids of the zoo's models of ``task`` (so a new model appears without UI changes)."""
-    return [m.id for m in zoo.list_models(task=task)]
+    # Bundled models only: the Hub cache of whoever runs the app is not the app's offer.
+    return [m.id for m in zoo.list_models(task=task) if m.location == "bundled"]
 
 
 def decode(image: Any) -> DecodedImage:

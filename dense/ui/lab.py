@@ -20,14 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from dense import lab
+from dense.lab import PRETRAINED
 from dense.nn.upsample import PixelShuffle, PixelShuffleICNR, Transposed
-from dense.tasks.restoration import matlab_imresize, psnr_y, restore
+from dense.tasks.restoration import matlab_imresize, psnr_y, restore, sr_pair
 from dense.ui import common
 
-# The pretrained ports, one per upsampling method (id, how it upsamples).
-PRETRAINED = (("realesrgan-x4plus", "nearest + conv"),
-              ("waifu2x-photo-x2", "transposed conv"),
-              ("realesr-animevideov3", "pixel shuffle"))
 MAX_LR_SIDE = 64  # eight networks on CPU in seconds: the lab works on a centre crop
 TILE = 192        # side of one tile in the zoom window
 PHASE_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
@@ -73,7 +70,7 @@ def prepare(rgb: np.ndarray, scale: int, degrade_first: bool,
         raise gr.Error(f"The photo ({w}×{h}) is too small to shrink ×{scale} for 'Degrade "
                        f"first' (at least {4 * scale}×{4 * scale} pixels); untick it to "
                        "upsample the photo as it is.")
-    hr, lr = lab.degrade(centre_crop(rgb, max_lr_side * scale), scale)
+    hr, lr = sr_pair(centre_crop(rgb, max_lr_side * scale), scale)
     return lr, hr
 
 

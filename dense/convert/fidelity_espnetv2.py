@@ -1,4 +1,4 @@
-"""Proof of the ESPNetv2 ports, for :mod:`dense.ports.convert_espnetv2`: EdgeNets' own code
+"""Proof of the ESPNetv2 ports, for :mod:`dense.convert.espnetv2`: EdgeNets' own code
 and the port (eager, and our ONNX export in onnxruntime) on the same photos, the measurements
 that the model folders report, and the stored fixtures (recorded and compared).
 """
@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dense.ports.espnetv2 import ESPNetv2Segmenter
-from dense.ports.source_espnetv2 import (
+from dense.convert.source_espnetv2 import (
     COMMIT,
     EXAMPLES,
     FIDELITY,
@@ -28,6 +27,7 @@ from dense.ports.source_espnetv2 import (
     build_port,
     read_upstream,
 )
+from dense.ports.espnetv2 import ESPNetv2Segmenter
 
 # ---------------------------------------------------------------------------------------------
 # Photos, the reference, and measuring
@@ -110,10 +110,10 @@ def run_port(model: torch.nn.Module, rgb: np.ndarray) -> np.ndarray:
 
 def export_session(model: ESPNetv2Segmenter, size: tuple[int, int], folder: Path) -> Any:
     """An onnxruntime session (2 threads) on our export of ``model`` fixed to ``size``,
-    written by the project's exporter (dense.export.export_onnx)."""
+    written by the project's exporter (dense.serve.export.export_onnx)."""
     import onnxruntime as ort
 
-    from dense.export import export_onnx
+    from dense.serve.export import export_onnx
 
     config = getattr(model, "config", {})
     model.config = {**config, "input": {**config.get("input", {}), "size": list(size)}}
@@ -218,7 +218,7 @@ def read_fixture(port: ESPNetv2Port) -> dict[str, np.ndarray]:
     """The arrays of a stored fixture (see :func:`make_fixture`)."""
     if not port.fixture.is_file():
         raise FileNotFoundError(
-            f"{port.fixture} is missing; rebuild it with `python -m dense.ports.convert_espnetv2 "
+            f"{port.fixture} is missing; rebuild it with `python -m dense.convert.espnetv2 "
             f"--fixtures --reference <EdgeNets checkout>`")
     with np.load(port.fixture, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}

@@ -1,5 +1,12 @@
 """`dense convert`: rebuild bundled model folders from the pinned registry packages.
 
+This package holds everything that turns an original file into a zoo folder or compares a
+port with its original runtime: per family a converter (``mediapipe``, ``mosaic``,
+``espnetv2``, ``yolox``, ``tinypose``, ``movenet``, ``sr``, ``everyday``, ``efficientnet``),
+the readers of original source formats (``source_*``) and the fidelity checks (``fidelity_*``).
+The architectures themselves stay in ``dense.ports`` and ``dense.nn``, which know nothing of
+this package.
+
 Each converter downloads its source package with pip or npm into a scratch folder, reads the
 original weights there (legacy pickles only with ``weights_only=True``), and writes a Hub-layout
 folder with ``dense.zoo.save_folder``. Running a converter twice gives identical files.
@@ -25,31 +32,31 @@ from dense.zoo import weights_dir
 # the model folder; the folder's name is the model id. Several ids may share one function
 # when one package holds them all.
 CONVERTERS: dict[str, str] = {
-    "efficientnet-lite0": "dense.nn.encoders:convert_efficientnet_lite0",
+    "efficientnet-lite0": "dense.convert.efficientnet:convert_efficientnet_lite0",
     # ports (issue 3) — one line per model id
-    "selfie-seg": "dense.ports.convert_mediapipe:convert_selfie",
-    "selfie-seg-landscape": "dense.ports.convert_mediapipe:convert_selfie",
-    "blazepose-full": "dense.ports.convert_mediapipe:convert_blazepose",
-    "blazepose-lite": "dense.ports.convert_mediapipe:convert_blazepose",
-    "blazepose-detector": "dense.ports.convert_mediapipe:convert_blazepose",
-    "realesrgan-x4plus": "dense.ports.convert_sr:convert_realesrgan",
-    "realesr-animevideov3": "dense.ports.convert_sr:convert_realesrgan",
-    "waifu2x-photo-x2": "dense.ports.convert_sr:convert_waifu2x",
-    "waifu2x-photo-x2-denoise0": "dense.ports.convert_sr:convert_waifu2x",
-    "waifu2x-photo-x2-denoise1": "dense.ports.convert_sr:convert_waifu2x",
-    "waifu2x-photo-x2-denoise2": "dense.ports.convert_sr:convert_waifu2x",
-    "waifu2x-photo-x2-denoise3": "dense.ports.convert_sr:convert_waifu2x",
+    "selfie-seg": "dense.convert.mediapipe:convert_selfie",
+    "selfie-seg-landscape": "dense.convert.mediapipe:convert_selfie",
+    "blazepose-full": "dense.convert.mediapipe:convert_blazepose",
+    "blazepose-lite": "dense.convert.mediapipe:convert_blazepose",
+    "blazepose-detector": "dense.convert.mediapipe:convert_blazepose",
+    "realesrgan-x4plus": "dense.convert.sr:convert_realesrgan",
+    "realesr-animevideov3": "dense.convert.sr:convert_realesrgan",
+    "waifu2x-photo-x2": "dense.convert.sr:convert_waifu2x",
+    "waifu2x-photo-x2-denoise0": "dense.convert.sr:convert_waifu2x",
+    "waifu2x-photo-x2-denoise1": "dense.convert.sr:convert_waifu2x",
+    "waifu2x-photo-x2-denoise2": "dense.convert.sr:convert_waifu2x",
+    "waifu2x-photo-x2-denoise3": "dense.convert.sr:convert_waifu2x",
     # from ../shared/upstream (issue 19)
-    "mosaic-ade31": "dense.ports.convert_mosaic:convert_mosaic",
-    "espnetv2-voc": "dense.ports.convert_espnetv2:convert_espnetv2",
-    "espnetv2-cityscapes": "dense.ports.convert_espnetv2:convert_espnetv2",
-    "everyday": "dense.ports.everyday:convert_everyday",
+    "mosaic-ade31": "dense.convert.mosaic:convert_mosaic",
+    "espnetv2-voc": "dense.convert.espnetv2:convert_espnetv2",
+    "espnetv2-cityscapes": "dense.convert.espnetv2:convert_espnetv2",
+    "everyday": "dense.convert.everyday:convert_everyday",
     # pose for groups of people (issue 20)
-    "yolox-nano": "dense.ports.convert_yolox:convert_yolox",
-    "tinypose-256x192": "dense.ports.convert_tinypose:convert_tinypose",
-    "tinypose-128x96": "dense.ports.convert_tinypose:convert_tinypose",
-    "movenet-multipose": "dense.ports.convert_movenet:convert_movenet",
-    "movenet-lightning": "dense.ports.convert_movenet:convert_movenet",
+    "yolox-nano": "dense.convert.yolox:convert_yolox",
+    "tinypose-256x192": "dense.convert.tinypose:convert_tinypose",
+    "tinypose-128x96": "dense.convert.tinypose:convert_tinypose",
+    "movenet-multipose": "dense.convert.movenet:convert_movenet",
+    "movenet-lightning": "dense.convert.movenet:convert_movenet",
 }
 
 

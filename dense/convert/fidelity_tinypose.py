@@ -1,4 +1,4 @@
-"""Proof of the PP-TinyPose ports, for :mod:`dense.ports.convert_tinypose`: ncnn on the
+"""Proof of the PP-TinyPose ports, for :mod:`dense.convert.tinypose`: ncnn on the
 original files and the port on the same real person crops, COCO keypoint AP on coco_sample,
 the stored fixtures (recorded and read), latency, and the measurements the model folders
 report.
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dense.ports.source_tinypose import (
+from dense.convert.source_tinypose import (
     COMMIT,
     EXAMPLE_BOXES,
     EXAMPLES,
@@ -265,7 +265,7 @@ def read_fixture(source: Source) -> dict[str, Any]:
     """The fixture's arrays: crop (uint8), matrix, box, maps (float32), ncnn_version."""
     if not source.fixture.is_file():
         raise FileNotFoundError(f"{source.fixture} is missing; rebuild it with `python -m "
-                                "dense.ports.convert_tinypose --fixtures` (needs ncnn)")
+                                "dense.convert.tinypose --fixtures` (needs ncnn)")
     with np.load(source.fixture, allow_pickle=False) as data:
         return {"crop": data["crop"], "matrix": data["matrix"], "box": data["box"],
                 "maps": data["maps"].astype(np.float32),

@@ -5,7 +5,7 @@ The source is MLCommons' uint8 TFLite file, read from ../shared/upstream after i
 checks the port against LiteRT (``ai-edge-litert``, XNNPACK, 2 threads) on real photos and
 records the measured agreement in ``config["metrics"]``.
 
-``python -m dense.ports.convert_mosaic [--photos N]`` prints the agreement per photo.
+``python -m dense.convert.mosaic [--photos N]`` prints the agreement per photo.
 """
 
 from __future__ import annotations
@@ -330,7 +330,7 @@ that tensor); last, the float network's argmax agreement. Photo sets: {legend}.
 {chr(10).join(rows)}
 
 Reproduce with `pip install -r requirements-runtimes.txt`, then
-`python -m dense.ports.convert_mosaic` (prints this table) or
+`python -m dense.convert.mosaic` (prints this table) or
 `pytest -m runtime tests/test_ports_mosaic.py` (which also compares every tensor of the graph
 on one photo).
 

@@ -18,12 +18,12 @@ cells, i.e. < 0.04 px) and the objectness and class probabilities to 1e-4. ``--f
 rewrites ``tests/fixtures/yolox/`` (onnxruntime's output on two crops of example photos) and
 ``fidelity.json`` (the measurements the model card reports)::
 
-    python -m dense.ports.convert_yolox --fixtures
+    python -m dense.convert.yolox --fixtures
     dense convert yolox-nano            # the model folder
     dense bench yolox-nano --peers                # latency beside onnxruntime on the file
 
-The code is in three modules: :mod:`dense.ports.source_yolox` (the source file, the constants
-and the weights), :mod:`dense.ports.fidelity_yolox` (fixtures, fidelity and latency
+The code is in three modules: :mod:`dense.convert.source_yolox` (the source file, the constants
+and the weights), :mod:`dense.convert.fidelity_yolox` (fixtures, fidelity and latency
 measurements) and this one (the model folder and the command line).
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from dense.ports.fidelity_yolox import (
+from dense.convert.fidelity_yolox import (
     compare_with_fixture,
     differences,
     export_session,
@@ -51,7 +51,7 @@ from dense.ports.fidelity_yolox import (
     within_tolerance,
     write_fixtures,
 )
-from dense.ports.source_yolox import (
+from dense.convert.source_yolox import (
     ARCH_ARGS,
     BOX_TOLERANCE,
     COMMIT,
@@ -276,7 +276,7 @@ on every photo (difference 0): the two graphs describe the same computation, op 
 every anchor's box and person columns of the first, 96 anchors with all 85 columns of each,
 and the decoded people); `pytest -m runtime tests/test_ports_yolox.py` runs onnxruntime on the
 original file live, and our ONNX export. The tables come from
-`python -m dense.ports.convert_yolox --fixtures` (writes `tests/fixtures/yolox/`), this folder
+`python -m dense.convert.yolox --fixtures` (writes `tests/fixtures/yolox/`), this folder
 from `dense convert {MODEL_ID}`, latencies from `dense bench yolox-nano --peers`.
 """
 

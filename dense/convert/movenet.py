@@ -11,7 +11,7 @@ photos are recorded in ``tests/fixtures/movenet/tf_outputs.json`` by
 ``tests/fixtures/movenet/tf_reference.py`` (TensorFlow is no dependency of dense), and the
 converter compares the port with those records, for every photo present here.
 
-``python -m dense.ports.convert_movenet`` prints the differences per photo.
+``python -m dense.convert.movenet`` prints the differences per photo.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ upsampled input itself (``Interp`` + ``BinaryOp``); x4plus and waifu2x predict t
 
 Rebuild the fixtures (needs the ``ncnn`` package, see requirements-runtimes.txt)::
 
-    python -m dense.ports.convert_sr --fixtures
+    python -m dense.convert.sr --fixtures
 
 and the model folders with ``dense convert realesrgan-x4plus ...``.
 """
@@ -305,7 +305,7 @@ def read_fixture(port: SRPort) -> tuple[np.ndarray, np.ndarray, str]:
     """The fixture's input crop (recomputed from examples/), ncnn's output and ncnn's version."""
     if not port.fixture.is_file():
         raise FileNotFoundError(
-            f"{port.fixture} is missing; rebuild it with `python -m dense.ports.convert_sr "
+            f"{port.fixture} is missing; rebuild it with `python -m dense.convert.sr "
             f"--fixtures` (needs ncnn)"
         )
     with np.load(port.fixture, allow_pickle=False) as data:
@@ -432,7 +432,7 @@ runtime test below compares with ncnn's float32 output live and prints PSNR and 
 
 Reproduce: `pytest tests/test_ports_sr.py` (against the stored ncnn output), or
 `pytest -m runtime -s tests/test_ports_sr.py` to run ncnn live (needs requirements-runtimes.txt);
-`python -m dense.ports.convert_sr --fixtures` rebuilds the stored outputs.
+`python -m dense.convert.sr --fixtures` rebuilds the stored outputs.
 """
 
 

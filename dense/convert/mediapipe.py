@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from dense.convert import fetch_npm, fetch_pypi, torch_threads
+from dense.images import read_image
 from dense.ports.mediapipe import (
     AUXILIARY_LANDMARKS,
     DETECTOR_KEYPOINTS,
@@ -93,8 +94,7 @@ def tflite_path(model_id: str, scratch: Path) -> Path:
 def photo_input(photo: str, size: tuple[int, int], value_range: tuple[float, float]) -> np.ndarray:
     """The model input made from an example photo: RGB, cv2.resize INTER_AREA to (H, W), uint8
     scaled to ``value_range`` as MediaPipe does (v·(max−min)/255 + min). 1×H×W×3 float32."""
-    bgr = cv2.imread(str(REPO_ROOT / photo), cv2.IMREAD_COLOR)
-    rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    rgb = read_image(REPO_ROOT / photo).rgb  # the safe decoder, as the app reads photos
     small = cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_AREA)
     lo, hi = value_range
     return (small.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo))[None]

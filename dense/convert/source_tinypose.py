@@ -1,9 +1,9 @@
-"""The PP-TinyPose ports' sources and their weights, for :mod:`dense.ports.convert_tinypose`.
+"""The PP-TinyPose ports' sources and their weights, for :mod:`dense.convert.tinypose`.
 
 What each port is (the ncnn files and their repository, the input size, the published AP,
 the architecture arguments, the fixture photo and the example boxes) and the conversion of the
 ncnn weights: each ncnn conv paired, in execution order, with a conv of
-:class:`dense.ports.tinypose.TinyPose`. :mod:`dense.ports.convert_tinypose` describes the
+:class:`dense.ports.tinypose.TinyPose`. :mod:`dense.convert.tinypose` describes the
 whole conversion and its proof.
 """
 

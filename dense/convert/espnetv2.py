@@ -16,12 +16,12 @@ model (checked by the tests and by every conversion) and ``fidelity.json``, the 
 that the model folders' configs and cards report::
 
     git clone https://github.com/sacmehta/EdgeNets /tmp/edgenets  # at 2b232d3
-    python -m dense.ports.convert_espnetv2 --fixtures --reference /tmp/edgenets
+    python -m dense.convert.espnetv2 --fixtures --reference /tmp/edgenets
 
 The model folders are rebuilt with ``dense convert espnetv2-voc`` / ``espnetv2-cityscapes``.
 
-The code is in three modules: :mod:`dense.ports.source_espnetv2` (the sources, the constants
-and the weights), :mod:`dense.ports.fidelity_espnetv2` (the reference, measurements and
+The code is in three modules: :mod:`dense.convert.source_espnetv2` (the sources, the constants
+and the weights), :mod:`dense.convert.fidelity_espnetv2` (the reference, measurements and
 fixtures) and this one (the model folders and the command line).
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from dense.ports.fidelity_espnetv2 import (
+from dense.convert.fidelity_espnetv2 import (
     compare_with_fixture,
     export_session,
     fixture_inputs,
@@ -46,7 +46,7 @@ from dense.ports.fidelity_espnetv2 import (
     run_session,
     write_fixtures,
 )
-from dense.ports.source_espnetv2 import (
+from dense.convert.source_espnetv2 import (
     COMMIT,
     EDGENETS_NOTICE,
     EXAMPLES,
@@ -74,7 +74,7 @@ __all__ = [
 def read_fidelity(model_id: str) -> dict[str, Any]:
     if not FIDELITY.is_file():
         raise FileNotFoundError(f"{FIDELITY} is missing; rebuild it with `python -m "
-                                "dense.ports.convert_espnetv2 --fixtures --reference <checkout>`")
+                                "dense.convert.espnetv2 --fixtures --reference <checkout>`")
     fidelity = json.loads(FIDELITY.read_text(encoding="utf-8"))
     if model_id not in fidelity:
         raise KeyError(f"{FIDELITY} has no measurements of {model_id}")
@@ -238,7 +238,7 @@ stored in `tests/fixtures/espnetv2/{port.fixture.name}` (a crop of `examples/{po
 2×2-averaged to {port.fixture_size[0]}×{port.fixture_size[1]}, and a {port.fixture_size[0] - 7}×{
     port.fixture_size[1] - 9} crop of it); `pytest -m runtime tests/test_ports_espnetv2.py` also
 runs the ONNX export in onnxruntime. The table above comes from
-`python -m dense.ports.convert_espnetv2 --fixtures --reference <EdgeNets checkout at {COMMIT[:7]}>`
+`python -m dense.convert.espnetv2 --fixtures --reference <EdgeNets checkout at {COMMIT[:7]}>`
 (writes `tests/fixtures/espnetv2/`), and this folder from `dense convert {port.id}`.
 """
 

@@ -22,12 +22,12 @@ keypoint AP with pycocotools on ``pose/coco_sample`` (4 photos, 14 people) from 
 boxes. Both need the data folder (``DENSE_DATA``) and ncnn / pycocotools; without them the
 folder records the fidelity against the stored fixture only.
 
-    python -m dense.ports.convert_tinypose --fixtures      # rebuild tests/fixtures/tinypose
-    python -m dense.ports.convert_tinypose --measure       # per-crop table, AP
+    python -m dense.convert.tinypose --fixtures      # rebuild tests/fixtures/tinypose
+    python -m dense.convert.tinypose --measure       # per-crop table, AP
     dense convert tinypose-256x192 tinypose-128x96          # the model folders
 
-The code is in three modules: :mod:`dense.ports.source_tinypose` (the sources, the constants
-and the weights), :mod:`dense.ports.fidelity_tinypose` (running both sides, fixtures,
+The code is in three modules: :mod:`dense.convert.source_tinypose` (the sources, the constants
+and the weights), :mod:`dense.convert.fidelity_tinypose` (running both sides, fixtures,
 fidelity, accuracy and latency measurements) and this one (the model folders and the command
 line).
 """
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from dense.ports.fidelity_tinypose import (
+from dense.convert.fidelity_tinypose import (
     NCNN_MODES,
     coco_ap,
     coco_results,
@@ -54,7 +54,7 @@ from dense.ports.fidelity_tinypose import (
     run_port,
     write_fixtures,
 )
-from dense.ports.source_tinypose import (
+from dense.convert.source_tinypose import (
     ARCH_ARGS,
     COMMIT,
     FIXTURE_BOX,
@@ -173,7 +173,7 @@ photo pixels; the score is the peak value.
 - Files: `{config["source"]["path"]}` and `.bin` from {REPOSITORY} at commit `{COMMIT}`
   (sha256 {", ".join(f"`{k}` {v[:12]}…" for k, v in config["source"]["sha256"].items())})
 - Weights: PaddleDetection PP-TinyPose ({PADDLEDETECTION})
-- Converted with `dense convert {source.id}` (`dense.ports.convert_tinypose`).
+- Converted with `dense convert {source.id}` (`dense.convert.tinypose`).
 
 ## Licence
 
@@ -202,7 +202,7 @@ in the fp32 module.
 
 Reproduce: `pytest tests/test_ports_tinypose.py` (against ncnn's maps stored in
 `tests/fixtures/tinypose/`), `pytest -m runtime tests/test_ports_tinypose.py` to run ncnn live
-(requirements-runtimes.txt), `python -m dense.ports.convert_tinypose --measure` for the
+(requirements-runtimes.txt), `python -m dense.convert.tinypose --measure` for the
 per-crop table and the coco_sample AP; `dense bench tinypose-256x192 --peers` for
 latency beside ncnn.
 """

@@ -1,9 +1,9 @@
-"""The ESPNetv2 ports' sources and their weights, for :mod:`dense.ports.convert_espnetv2`.
+"""The ESPNetv2 ports' sources and their weights, for :mod:`dense.convert.espnetv2`.
 
 What each port is (the upstream state dict, dataset, classes and colours, working size,
 published accuracy, fixture photo; EdgeNets' repository, licence and the tolerance) and the
 conversion of EdgeNets' state dicts to :mod:`dense.ports.espnetv2`'s names.
-:mod:`dense.ports.convert_espnetv2` describes the whole conversion and its proof.
+:mod:`dense.convert.espnetv2` describes the whole conversion and its proof.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""The YOLOX-nano port's source and its weights, for :mod:`dense.ports.convert_yolox`.
+"""The YOLOX-nano port's source and its weights, for :mod:`dense.convert.yolox`.
 
 What the port is (the upstream file, its architecture arguments, input size, tolerances, the
 fixture crops, licence and published accuracy) and the conversion of the file's weights: its
 Conv nodes paired, in execution order, with the convs of :class:`dense.ports.yolox.YOLOX`.
-:mod:`dense.ports.convert_yolox` describes the whole conversion and its proof.
+:mod:`dense.convert.yolox` describes the whole conversion and its proof.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Proof of the YOLOX-nano port, for :mod:`dense.ports.convert_yolox`: onnxruntime on the
+"""Proof of the YOLOX-nano port, for :mod:`dense.convert.yolox`: onnxruntime on the
 original file and the port on the same photos, the stored fixtures (recorded and compared), the
 measurements on real photos that the model card reports, and latency.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dense.ports.source_yolox import (
+from dense.convert.source_yolox import (
     ARCH_ARGS,
     BOX_TOLERANCE,
     EXAMPLES,
@@ -156,7 +156,7 @@ def make_fixture(session: InferenceSession) -> dict[str, np.ndarray]:
 def read_fixture() -> dict[str, np.ndarray]:
     if not FIXTURE_FILE.is_file():
         raise FileNotFoundError(f"{FIXTURE_FILE} is missing; rebuild it with `python -m "
-                                "dense.ports.convert_yolox --fixtures` (needs ../shared/upstream)")
+                                "dense.convert.yolox --fixtures` (needs ../shared/upstream)")
     with np.load(FIXTURE_FILE, allow_pickle=False) as data:
         return {key: data[key] for key in data.files}
 
@@ -201,8 +201,8 @@ def _sha256_of_upstream() -> str:
 
 def export_session(model: YOLOX, folder: Path, threads: int = 2
                    ) -> tuple[InferenceSession, Path]:
-    """onnxruntime on our own ONNX export (dense.export.export_onnx, fixed 416×416)."""
-    from dense.export import export_onnx, ort_session
+    """onnxruntime on our own ONNX export (dense.serve.export.export_onnx, fixed 416×416)."""
+    from dense.serve.export import export_onnx, ort_session
 
     if not hasattr(model, "config"):
         model.config = {"id": MODEL_ID, "input": {"size": [SIZE, SIZE]}}
@@ -313,5 +313,5 @@ def write_fixtures() -> None:
 def read_fidelity() -> dict[str, Any]:
     if not FIDELITY.is_file():
         raise FileNotFoundError(f"{FIDELITY} is missing; rebuild it with `python -m "
-                                "dense.ports.convert_yolox --fixtures`")
+                                "dense.convert.yolox --fixtures`")
     return json.loads(FIDELITY.read_text(encoding="utf-8"))

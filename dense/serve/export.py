@@ -1,5 +1,6 @@
-"""`dense export onnx ID`: a zoo model as an ONNX graph (dynamic batch and, where the model
-allows, dynamic height and width), checked against PyTorch with onnxruntime when installed."""
+"""Our ONNX exports and the runtimes that serve them (onnxruntime, OpenVINO), and
+`dense export onnx ID`: a zoo model as an ONNX graph (dynamic batch and, where the model allows,
+dynamic height and width), checked against PyTorch with onnxruntime when installed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from dense import zoo
+from dense.data import package_cache
 
 
 class _Flat(nn.Module):
@@ -29,6 +31,15 @@ class _Flat(nn.Module):
     def forward(self, x: torch.Tensor):
         out = self.model(x)
         return tuple(out[k] for k in self.keys) if self.keys else out
+
+
+def served_size(config: dict) -> tuple[int, int] | None:
+    """The input size a served export is fixed to: the model's fixed input size (MediaPipe
+    graphs), the size it is served at (``input.served_size``: MoveNet MultiPose, whose graph
+    is traced per size) or the size it was trained at (``input.trained_size``); None for none."""
+    inputs = config.get("input", {})
+    size = inputs.get("size") or inputs.get("served_size") or inputs.get("trained_size")
+    return tuple(size) if size else None
 
 
 def dynamic_export(config: dict) -> bool:
@@ -133,8 +144,6 @@ def onnx_cache_path(model: nn.Module, size: tuple[int, int] | None = None) -> Pa
     """Where the export of this exact model is cached: keyed by its weights' checksum, the
     exporter's version and torch's; ``size`` for an export fixed to another input size than
     the one it is served at."""
-    from dense.bench import package_cache
-
     digest = model.config.get("sha256", {}).get(zoo.WEIGHTS_FILE, "unversioned")[:16]
     name = Path(model.config.get("id", "model")).name
     at = f"-{size[0]}x{size[1]}" if size else ""
@@ -156,7 +165,7 @@ def ort_session(path: Path, threads: int, spinning: bool):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-# OpenVINO's inference precision per served backend name (dense.devices.EXPORT_BACKENDS).
+# OpenVINO's inference precision per served backend name (dense.serve.backends.EXPORT_BACKENDS).
 OPENVINO_PRECISION = {"openvino": "f32", "openvino_bf16": "bf16"}
 
 
@@ -227,19 +236,19 @@ def _runner(runtime: str, path: Path, threads: int, size: tuple[int, int] | None
     return run
 
 
-def serve_export(model: nn.Module, runtime: str = "onnxruntime") -> nn.Module:
-    """Run ``model`` on CPU through ``runtime`` (``openvino`` or ``onnxruntime``) on its own
-    ONNX export: for the model's fixed input size (MediaPipe graphs), the size it was trained
-    at (``input.trained_size``), or any size where the export is dynamic (the SR ports).
+def export_forward(model: nn.Module, runtime: str = "onnxruntime"
+                   ) -> Callable[[torch.Tensor], torch.Tensor | dict[str, torch.Tensor]]:
+    """A forward function running ``model`` on CPU through ``runtime`` (``openvino``,
+    ``openvino_bf16`` or ``onnxruntime``) on its own ONNX export: for the model's fixed input
+    size (MediaPipe graphs), the size it was trained at (``input.trained_size``), or any size
+    where the export is dynamic (the SR ports).
 
     The export is written once per model version (cached by weights checksum) and checked
     against PyTorch (with onnxruntime) before it is used; the serving runtime's own result is
-    checked again at load. ``model.forward`` is replaced rather than the module
-    wrapped, so that the caller keeps the same object with its config and attributes; inputs
-    the export does not cover (another size, a gradient, a GPU tensor) go to PyTorch.
+    checked again here. ``model`` itself is left as it is: inputs the export does not cover
+    (another size, a gradient, a GPU tensor) are passed to ``model``'s own forward, whatever
+    memory format its weights are in when that call comes (channels_last, as served).
     """
-    from dense.devices import served_size
-
     size = served_size(model.config)
     if size is None and not dynamic_export(model.config):
         raise ValueError("only models with a fixed or trained input size, or an export of any "
@@ -270,13 +279,12 @@ def serve_export(model: nn.Module, runtime: str = "onnxruntime") -> nn.Module:
     if diff > (5e-2 if OPENVINO_PRECISION.get(runtime) == "bf16" else 5e-3):
         raise RuntimeError(f"{runtime} on {path.name} differs from PyTorch by {diff:.2e}")
     names = output_names(out)
-    eager = model.forward
     single = single_image(model.config)
 
     def forward(x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         if (size and tuple(x.shape[-2:]) != size) or x.device.type != "cpu" or (
                 torch.is_grad_enabled() and x.requires_grad):
-            return eager(x)
+            return model(x)
         images = x.detach().float().contiguous().numpy()
         if single and images.shape[0] > 1:  # a one-image export, run image by image
             parts = [run(images[i:i + 1]) for i in range(images.shape[0])]
@@ -286,12 +294,11 @@ def serve_export(model: nn.Module, runtime: str = "onnxruntime") -> nn.Module:
         tensors = [torch.from_numpy(o) for o in outs]
         return tensors[0] if names == ["output"] else dict(zip(names, tensors, strict=True))
 
-    model.forward = forward
-    return model
+    return forward
 
 
 def _export(args: argparse.Namespace) -> int:
-    model = zoo.load(args.model, device="cpu", backend="eager")
+    model = zoo.load(args.model, device="cpu")
     size = tuple(args.size) if args.size else None
     path = export_onnx(model, args.out or Path(f"{Path(args.model).name}.onnx"), size)
     try:

@@ -1,0 +1,58 @@
+"""What this machine offers: the device to run on, and the CPU's name and instruction-set flags.
+
+At the bottom of the package (it imports only torch), so that the zoo can put a module on a
+device and the serving layer can key its measured backend choices by CPU without either
+importing the other.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+
+import torch
+from torch import nn
+
+
+def pick_device(name: str | torch.device | None = "auto") -> torch.device:
+    """Resolve ``"auto"`` (``DENSE_DEVICE`` or CUDA when available, else CPU) to a device."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "", "auto"):
+        name = os.environ.get("DENSE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"Device '{name}' was asked for, but this machine has no usable CUDA.")
+    return device
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device a model's tensors live on: its parameters', else its buffers' (a module with
+    buffers only, moved to a GPU, is on the GPU); CPU for a module with neither."""
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _cpuinfo_field(field: str, text: str) -> str | None:
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.split(":", 1)[0].strip() == field), None)
+
+
+@functools.cache
+def cpu_model() -> tuple[str, str]:
+    """The CPU's model name and its sorted instruction-set flags (``/proc/cpuinfo`` on Linux;
+    the platform's processor string and no flags elsewhere). Two machines with the same name
+    can differ in flags (a VM may hide AVX-512 or AMX), and the flags decide which backend is
+    fastest, so both go into the key of a measured choice."""
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return name, flags
+    name = _cpuinfo_field("model name", text) or name
+    flags = " ".join(sorted(set((_cpuinfo_field("flags", text) or "").split())))
+    return name, flags

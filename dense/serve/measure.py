@@ -1,0 +1,425 @@
+"""The measured backend choice: on first use on a machine, the candidate backends for a model
+are timed once and the fastest is kept, per machine, in a JSON file; later loads read it.
+
+Why measure rather than keep a table: the fastest backend depends on the CPU (OpenVINO beat
+LiteRT on an AVX-512 EPYC and lost to it on an AVX2-only one, issue 23), the thread count and
+the runtimes' versions, and a table written on one machine is a guess on the next. The rule of
+:mod:`dense.serve.backends` stays as the list of candidates (what is considered for a model at
+all, in its order of preference) and as the fallback: ``DENSE_BACKEND_MEASURE=0``, devices
+other than the CPU, and models too slow to time cheaply (one call over :data:`CAP_MS`) keep it.
+``DENSE_BACKEND`` forces a backend and nothing is timed.
+
+A candidate is only timed once it has passed its own check: an export runtime is built through
+:func:`dense.serve.export.export_forward`, which compares its result with PyTorch's and raises
+when it differs (OpenVINO is not exact on MOSAIC's integer graph, so the rule never offers it
+there, and a check that fails anywhere removes the candidate). The winner is then the runtime
+already built, so a measured first load builds no more than the candidates themselves.
+
+The cache (``package_cache()/backends.json``)::
+
+    {"version": 1,
+     "machines": {"<CPU model name> | flags sha256:<12 hex>": {
+         "cpu": "<model name>", "flags": "<sorted flags>",
+         "choices": {"<id>@<weights sha256, 16 hex> <H>x<W> cpu threads=<n> torch=<v>
+                      onnxruntime=<v> openvino=<v>": {
+             "model": "<id>", "backend": "openvino", "how": "measured",
+             "median_ms": {"openvino": 0.9, "onnxruntime": 2.4, "channels_last": 6.4},
+             "failed": {}, "runs": 6, "input": [256, 256], "threads": 1,
+             "note": "", "measured": "<UTC time>"}}}}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dense import hardware, zoo
+from dense.data import package_cache
+from dense.serve.backends import EXPORT_BACKENDS, cpu_candidates
+from dense.serve.export import export_forward, served_size
+
+__all__ = ["CAP_MS", "Choice", "cache_path", "choice_key", "machine_key", "measure_backend",
+           "measuring", "time_round_robin"]
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+# A model whose one call takes longer than this keeps the rule's choice: timing its candidates
+# would cost seconds at every first start on a machine (Real-ESRGAN: ~1 s a call at 128×128).
+CAP_MS = 500.0
+# Wall-clock budget of the timed calls of one model, all candidates together (warm-up calls and
+# the pauses between blocks aside); each candidate still gets at least MIN_RUNS timed calls.
+BUDGET_MS = 200.0
+MIN_RUNS, MAX_RUNS = 3, 8
+# Models whose export takes any size (the SR ports) are timed at this side: a size they are
+# really served at (restoration tiles are 256, the bench times them at 128) and small enough
+# for the cap to let most through.
+DYNAMIC_SIDE = 128
+# Models whose probed call takes longer skip the warm-up call of each timing block.
+WARMUP_BELOW_MS = 20.0
+# A candidate later in the rule's order must beat the earlier one by more than this to win:
+# within it, two runtimes are a tie on a shared host, and the rule's order was measured too.
+TIE = 0.03
+
+# What the measurement reads the time with and pauses with (tests put a fake clock here).
+clock: Callable[[], float] = time.perf_counter
+sleep: Callable[[float], None] = time.sleep
+
+_lock = threading.Lock()  # one measurement at a time in a process: two would time each other
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How a model's backend was chosen.
+
+    ``how``: ``measured`` (timed here, now or by an earlier load: ``cached``), ``forced``
+    (``DENSE_BACKEND`` or an explicit backend), or ``rule`` (``dense.serve.backends``; ``note``
+    says why it was not measured). ``median_ms`` holds the timings, ``failed`` the candidates
+    refused by their check, with the reason.
+    """
+
+    backend: str
+    how: str
+    median_ms: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    cached: bool = False
+    note: str = ""
+    runs: int = 0  # timed calls per candidate
+
+    def describe(self) -> str:
+        """One line: ``openvino, measured (cached): openvino 0.90 ms, onnxruntime 2.40 ms``."""
+        how = f"{self.how} (cached)" if self.cached else self.how
+        times = ", ".join(f"{name} {ms:.2f} ms" for name, ms in
+                          sorted(self.median_ms.items(), key=lambda item: item[1]))
+        refused = ", ".join(f"{name} refused" for name in self.failed)
+        details = "; ".join(s for s in (times, refused, self.note) if s)
+        return f"{self.backend}, {how}" + (f": {details}" if details else "")
+
+
+def measuring() -> bool:
+    """Whether ``auto`` measures (``DENSE_BACKEND_MEASURE``, default on; ``0`` keeps the rule)."""
+    return os.environ.get("DENSE_BACKEND_MEASURE", "1").strip().lower() not in ("0", "false",
+                                                                                  "no", "off")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_round_robin(calls: dict[str, Callable[[], object]], runs: int = 20, warmup: int = 3,
+                     cuda: bool = False, rounds: int = 4, settle_s: float = 0.2,
+                     clock: Callable[[], float] = time.perf_counter,
+                     sleep: Callable[[float], None] = time.sleep) -> dict[str, dict]:
+    """Median, p10 and p90 latency in milliseconds of each call over ``runs`` timed calls.
+
+    The calls take turns in ``rounds`` blocks, so that a shared host slowing down or speeding
+    up during the run weighs on all of them alike. Each block starts after a pause of
+    ``settle_s``, with ``warmup`` untimed calls: a runtime's worker threads busy-wait for a while
+    after its last call (onnxruntime's by default), and without the pause the next runtime's
+    timings measured that spinning (OpenVINO's blazepose-lite median 4.1 ms after onnxruntime's
+    block, 2.5 ms alone). ``clock`` and ``sleep`` are there for tests.
+    """
+    rounds = max(1, min(rounds, runs))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(rounds):
+        for name, call in calls.items():
+            if settle_s:
+                sleep(settle_s)
+            timed_here = runs // rounds + (r < runs % rounds)
+            for i in range(warmup + timed_here):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = clock()
+                call()
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times[name].append((clock() - start) * 1000)
+    results = {}
+    for name, timed in times.items():
+        deciles = (statistics.quantiles(timed, n=10, method="inclusive") if len(timed) > 1
+                   else timed * 2)
+        results[name] = {"median_ms": round(statistics.median(timed), 3),
+                         "p10_ms": round(deciles[0], 3), "p90_ms": round(deciles[-1], 3),
+                         "runs": runs}
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+def cache_path() -> Path:
+    return package_cache() / "backends.json"
+
+
+def machine_key() -> tuple[str, dict[str, str]]:
+    """This CPU's key in the cache and what it stands for: the model name and a digest of the
+    sorted flags (the full flags are kept beside it; two VMs with one CPU name may differ in
+    AVX-512 or AMX, and those decide the winner)."""
+    name, flags = hardware.cpu_model()
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return f"{name} | flags sha256:{digest}", {"cpu": name, "flags": flags}
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def choice_key(config: dict, size: tuple[int, int], device: torch.device | str,
+               threads: int) -> str:
+    """A model's key within its machine's entry: id, weights checksum, the input size timed,
+    device, threads, and the versions of the runtimes (a new runtime may change the winner)."""
+    digest = config.get("sha256", {}).get(zoo.WEIGHTS_FILE, "unversioned")[:16]
+    versions = " ".join(f"{p}={_version(p)}" for p in ("torch", "onnxruntime", "openvino"))
+    return (f"{config.get('id', 'model')}@{digest} {size[0]}x{size[1]} {device} "
+            f"threads={threads} {versions}")
+
+
+@contextlib.contextmanager
+def _file_lock() -> Iterator[None]:
+    """Held across read, measurement and write: replicas starting together measure a model
+    once (the second finds the first's entry) and never time each other."""
+    path = cache_path().with_suffix(".lock")
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")  # noqa: SIM115 - closed below, after the body has run
+    except (ImportError, OSError) as err:  # not POSIX, or no writable cache: unlocked
+        log.debug("no lock on %s (%s)", path, err)
+        yield
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+    finally:
+        f.close()  # closing releases the lock
+
+
+def read_cache() -> dict[str, Any]:
+    """The whole cache; an empty one if missing, unreadable or of another version."""
+    try:
+        data = json.loads(cache_path().read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        data = {}
+    except (OSError, ValueError) as err:
+        log.warning("ignoring the backend cache %s (%s); it will be rewritten", cache_path(), err)
+        data = {}
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        data = {}
+    return {"version": CACHE_VERSION, "machines": data.get("machines", {})}
+
+
+def machine_choices() -> dict[str, dict]:
+    """The cached choices of this machine, by key."""
+    key, _ = machine_key()
+    return read_cache()["machines"].get(key, {}).get("choices", {})
+
+
+def _write_entry(key: str, entry: dict) -> None:
+    """Add ``entry`` to the cache; a cache that cannot be written (a read-only home) is
+    logged, and the choice then holds for this process only."""
+    data = read_cache()
+    name, about = machine_key()
+    machine = data["machines"].setdefault(name, {**about, "choices": {}})
+    machine["choices"][key] = entry
+    path = cache_path()
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(data, indent=1))
+        partial.replace(path)  # atomic: a reader never sees half a file
+    except OSError as err:
+        log.warning("could not cache the backend choice in %s (%s)", path, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurement
+
+
+def _choice(entry: dict, cached: bool) -> Choice:
+    return Choice(entry["backend"], entry["how"], dict(entry.get("median_ms", {})),
+                  dict(entry.get("failed", {})), cached, entry.get("note", ""),
+                  entry.get("runs", 0))
+
+
+def _runs(probe_ms: float, candidates: int) -> int:
+    """Timed calls per candidate so that all of them fit in BUDGET_MS."""
+    return max(MIN_RUNS, min(MAX_RUNS, int(BUDGET_MS / (max(probe_ms, 0.05) * candidates))))
+
+
+def _build(model: nn.Module, backend: str) -> Callable[[torch.Tensor], Any]:
+    """The served forward of ``backend`` for ``model`` (already channels_last): the model
+    itself for PyTorch, else the export runtime, built and checked against PyTorch."""
+    return export_forward(model, backend) if backend in EXPORT_BACKENDS else model
+
+
+def measure_backend(model: nn.Module, device: torch.device, rule: str
+                    ) -> tuple[Choice, Callable[[torch.Tensor], Any] | None]:
+    """The backend for ``model`` (a zoo module in eval mode on the CPU) measured here, or read
+    from the cache; and the winner's export forward when measuring built it (None otherwise:
+    the caller builds it, as for a cached choice).
+
+    ``rule`` is :func:`dense.serve.backends.pick_backend`'s choice; it is kept when there is
+    nothing to choose from, when the cache names a backend no longer offered, and for slow
+    models (see :data:`CAP_MS`).
+    """
+    config = getattr(model, "config", {})
+    candidates = cpu_candidates(config)
+    if rule not in candidates or len(candidates) < 2:
+        return Choice(rule, "rule", note="the only candidate"), None
+    size = served_size(config) or (DYNAMIC_SIDE, DYNAMIC_SIDE)
+    threads = torch.get_num_threads()
+    key = choice_key(config, size, device, threads)
+    entry = machine_choices().get(key)
+    if entry and entry.get("backend") in candidates:
+        return _choice(entry, cached=True), None
+    with _lock, _file_lock():
+        entry = machine_choices().get(key)  # another process may have measured meanwhile
+        if entry and entry.get("backend") in candidates:
+            return _choice(entry, cached=True), None
+        choice, run = _measure(model, candidates, size, threads)
+        _write_entry(key, {
+            "model": config.get("id", "model"), "backend": choice.backend, "how": choice.how,
+            "median_ms": choice.median_ms, "failed": choice.failed, "note": choice.note,
+            "input": list(size), "threads": threads, "runs": choice.runs,
+            "measured": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+    log.info("backend for %s: %s", config.get("id", "model"), choice.describe())
+    return choice, run
+
+
+def _measure(model: nn.Module, candidates: list[str], size: tuple[int, int], threads: int
+             ) -> tuple[Choice, Callable[[torch.Tensor], Any] | None]:
+    # PyTorch's candidate is the module as served: weights in channels_last (dense.serve.serve
+    # puts them so for every backend but eager, before or after; doing it first is the same).
+    model.to(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    runners: dict[str, Callable[[torch.Tensor], Any]] = {}
+    failed: dict[str, str] = {}
+    probe_ms: float | None = None
+    for backend in candidates:  # the rule's order: its first choice is probed
+        try:
+            runners[backend] = _build(model, backend)
+        except Exception as err:  # noqa: BLE001 - a candidate that fails its check is out
+            failed[backend] = str(err)[:300]
+            log.info("%s refused for %s: %s", backend, model.config.get("id", "model"), err)
+            continue
+        if probe_ms is None:
+            # One untimed call (PyTorch's first call creates its kernels; an export's was its
+            # check), then one timed: a model slower than CAP_MS keeps the rule's choice.
+            probe = time_round_robin({backend: _call(runners[backend], x)}, runs=1, warmup=1,
+                                     rounds=1, settle_s=0, clock=clock, sleep=sleep)
+            probe_ms = probe[backend]["median_ms"]
+            if probe_ms > CAP_MS:
+                note = f"one call {probe_ms:.0f} ms > {CAP_MS:.0f} ms: not measured"
+                return (Choice(backend, "rule", {backend: probe_ms}, failed, note=note, runs=1),
+                        _export_run(runners, backend))
+    if len(runners) < 2:
+        only = next(iter(runners), "channels_last")
+        note = "the other candidates failed their check"
+        return Choice(only, "rule", failed=failed, note=note), _export_run(runners, only)
+    runs = _runs(probe_ms or 0.0, len(runners))
+    calls = {b: _call(r, x) for b, r in runners.items()}
+    # Every candidate has run once already (the exports in their check, the probed one in the
+    # probe) except PyTorch, whose first call creates its kernels. Models of tens of ms and more
+    # skip the warm-up call of each block, half the cost of their measurement (unet-camvid:
+    # ~0.3 s a call on one core); for fast ones it is cheap and steadies the first timed call.
+    warmup = 1 if (probe_ms or 0.0) < WARMUP_BELOW_MS else 0
+    if not warmup and "channels_last" in calls and candidates[0] != "channels_last":
+        calls["channels_last"]()
+    # Served onnxruntime sessions do not spin between calls (dense.serve.export._runner), so a
+    # short pause settles the threads; with DENSE_ORT_SPINNING=1 they do, and the bench's 0.2 s
+    # pause is needed.
+    settle = 0.2 if os.environ.get("DENSE_ORT_SPINNING", "0") == "1" else 0.02
+    timed = time_round_robin(calls, runs=runs, warmup=warmup, rounds=2 if runs >= 4 else 1,
+                             settle_s=settle, clock=clock, sleep=sleep)
+    medians = {b: t["median_ms"] for b, t in timed.items()}
+    best = min(medians.values())
+    winner = next(b for b in runners if medians[b] <= best * (1 + TIE))
+    return Choice(winner, "measured", medians, failed, runs=runs), _export_run(runners, winner)
+
+
+def _call(run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Callable[[], object]:
+    def call() -> object:
+        with torch.inference_mode():
+            return run(x)
+    return call
+
+
+def _export_run(runners: dict[str, Callable], backend: str) -> Callable | None:
+    return runners.get(backend) if backend in EXPORT_BACKENDS else None
+
+
+# ---------------------------------------------------------------------------------------------
+# `dense backends`: what was chosen here
+
+
+def backends_main(args: argparse.Namespace) -> int:
+    """List this machine's backend choices (after loading ``args.models``, which measures
+    those not measured yet)."""
+    from dense.serve.served import load_served
+
+    forced = os.environ.get("DENSE_BACKEND", "auto")
+    loaded = {}
+    for name in args.models:
+        served = load_served(name, device="cpu")
+        loaded[served.config.get("id", name)] = served
+    key, about = machine_key()
+    rows = [e for e in machine_choices().values()
+            if not args.models or e.get("model") in loaded
+            or any(e.get("model", "").startswith(f"{m}-") for m in loaded)]
+    if args.json:
+        print(json.dumps({"machine": {**about, "key": key}, "cache": str(cache_path()),
+                          "forced": None if forced == "auto" else forced,
+                          "measuring": measuring(), "choices": rows}, indent=1))
+        return 0
+    print(f"# {about['cpu']}; flags: {about['flags']}")
+    print(f"# cache: {cache_path()}")
+    if forced != "auto":
+        print(f"# DENSE_BACKEND={forced} forces every model's backend (nothing is measured)")
+    elif not measuring():
+        print("# DENSE_BACKEND_MEASURE=0: the rule of dense.serve.backends chooses")
+    for model_id, served in loaded.items():
+        choice = getattr(served, "choice", None)
+        print(f"{model_id:28} {served.backend}" + (f"  ({choice.how})" if choice else ""))
+    if rows:
+        print(f"{'model':28} {'input':>9} {'thr':>3}  {'backend':14} {'how':9} timings (median)")
+    for e in sorted(rows, key=lambda e: (e.get("model", ""), e.get("threads", 0))):
+        times = "  ".join(f"{b} {ms:.2f} ms" for b, ms in
+                          sorted(e.get("median_ms", {}).items(), key=lambda item: item[1]))
+        extra = "; ".join(s for s in (", ".join(f"{b} refused" for b in e.get("failed", {})),
+                                      e.get("note", "")) if s)
+        size = "x".join(map(str, e.get("input", ())))
+        print(f"{e.get('model', '?'):28} {size:>9} {e.get('threads', 0):>3}  "
+              f"{e['backend']:14} {e['how']:9} {times}" + (f"  ({extra})" if extra else ""))
+    if not rows and not loaded:
+        print("nothing measured on this machine yet: `dense backends MODEL...` measures")
+    return 0
+
+
+def add_backends_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("backends", help="the backend chosen for each model on this "
+                                               "machine, measured or forced, with its timings")
+    p.add_argument("models", nargs="*", help="load these first (measuring where not cached)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=backends_main)
