@@ -164,7 +164,8 @@ def test_a_slow_model_keeps_the_rule_after_one_call(bench) -> None:
     fake = bench({"openvino": 900.0, "onnxruntime": 1.0, "channels_last": 5.0})
     model = serve_model(Tiny(), "cpu")
     assert (model.backend, model.choice.how) == ("openvino", "rule")
-    assert fake.built == ["openvino"] and fake.calls == {"openvino": 2}  # warm-up + one timed
+    # One timed call: the export already ran at this size in its check.
+    assert fake.built == ["openvino"] and fake.calls == {"openvino": 1}
     assert "not measured" in model.choice.note
     again = bench({"openvino": 900.0, "onnxruntime": 1.0, "channels_last": 5.0})
     assert serve_model(Tiny(), "cpu").choice.cached and again.calls == {}  # not probed again
@@ -225,12 +226,25 @@ def test_a_real_measurement_serves_equal_to_pytorch(monkeypatch, tmp_path: Path)
 
 
 def test_models_of_tens_of_ms_skip_the_block_warm_ups(bench) -> None:
-    """Every export ran once in its check and the probed one in the probe; only PyTorch is
-    warmed up, once, and each candidate gets MIN_RUNS timed calls."""
+    """Every export ran once at its fixed size in its check: only PyTorch is warmed up, once,
+    and each candidate gets MIN_RUNS timed calls (the probe is the rule's first one)."""
     fake = bench({"openvino": 100.0, "onnxruntime": 120.0, "channels_last": 150.0})
     model = serve_model(Tiny(), "cpu")
     assert (model.backend, model.choice.how, model.choice.runs) == ("openvino", "measured", 3)
-    assert fake.calls == {"openvino": 2 + 3, "onnxruntime": 3, "channels_last": 1 + 3}
+    assert fake.calls == {"openvino": 1 + 3, "onnxruntime": 3, "channels_last": 1 + 3}
+
+
+def test_a_model_of_any_size_warms_every_candidate_at_the_size_timed(bench) -> None:
+    """An SR port's export is checked at a smaller size than it is timed at (128×128)."""
+    fake = bench({"openvino": 100.0, "onnxruntime": 120.0, "channels_last": 150.0})
+    tiny = Tiny()
+    tiny.config = {**tiny.config, "architecture": "waifu2x_upconv7", "input": {}}
+    served_port = serve_model(tiny, "cpu")
+    assert served_port.choice.how == "measured"
+    assert fake.calls == {"openvino": 2 + 3, "channels_last": 1 + 3}  # waifu2x: no onnxruntime
+    (machine,) = cached_choices().values()
+    (entry,) = machine["choices"].values()
+    assert entry["input"] == [measure.DYNAMIC_SIDE] * 2
 
 
 def test_a_cache_that_cannot_be_written_still_serves_the_measured_winner(

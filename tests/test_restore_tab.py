@@ -12,7 +12,7 @@ from torch import nn
 from dense import zoo
 from dense.images import read_image
 from dense.tasks import restoration as R
-from dense.tasks.deconvolution import wiener_deblur
+from dense.tasks.restoration.deconvolution import wiener_deblur
 from dense.ui import restore as tab
 
 EXAMPLES = zoo.REPO_ROOT / "examples"

@@ -28,8 +28,6 @@ from torchvision.transforms import v2
 from dense.images import IMAGE_SUFFIXES, DecodedImage, read_image, to_tensor
 from dense.serve.devices import inference, model_device
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Data
 

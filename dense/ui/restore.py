@@ -31,7 +31,7 @@ from torch import nn
 
 from dense import zoo
 from dense.tasks import restoration as R
-from dense.tasks.deconvolution import wiener_deblur
+from dense.tasks.restoration.deconvolution import wiener_deblur
 from dense.ui import common
 
 # Tab label → (task, scale).

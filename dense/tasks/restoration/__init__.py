@@ -20,7 +20,13 @@ then ``R.restore``, ``R.psnr_y`` ...). Code that replaces one of them for a test
 module that defines it (``dense.tasks.restoration.inference``), where its callers look it up.
 """
 
-from dense.tasks.restoration.cards import PUBLISHED, export_model, export_run, measure
+from dense.tasks.restoration.cards import (
+    PUBLISHED,
+    WIENER_ROW,
+    export_model,
+    export_run,
+    measure,
+)
 from dense.tasks.restoration.cli import (
     add_eval_parser,
     add_export_parser,
@@ -42,6 +48,7 @@ from dense.tasks.restoration.data import (
     to_batch,
     training_pairs,
 )
+from dense.tasks.restoration.deconvolution import wiener_deblur
 from dense.tasks.restoration.degradations import (
     BLUR_KINDS,
     blur_kernel,
@@ -59,9 +66,11 @@ from dense.tasks.restoration.degradations import (
     synthetic_eval_kernels,
 )
 from dense.tasks.restoration.evaluation import (
+    BlurredImage,
     deblur_eval_set,
     evaluate_deblur,
     evaluate_sr,
+    evaluate_wiener,
     sr_pairs,
 )
 from dense.tasks.restoration.inference import (
@@ -95,11 +104,14 @@ from dense.tasks.restoration.training import (
 
 __all__ = [
     "BLUR_KINDS", "DEBLUR_TASK", "IMAGE_SUFFIXES", "MIN_TILE", "PUBLISHED", "SR_TASK",
-    "BicubicUpscaler", "Identity", "PatchSampler", "RestorationTask", "SelfEnsemble",
+    "WIENER_ROW",
+    "BicubicUpscaler", "BlurredImage", "Identity", "PatchSampler", "RestorationTask",
+    "SelfEnsemble",
     "add_eval_parser", "add_export_parser", "add_predict_parser", "add_train_parser",
     "blur_kernel", "build_generator", "check_predict_options", "context_pixels",
     "deblur_batch", "deblur_eval_set", "defocus_kernel", "degrade_blur", "degrade_sr",
-    "discriminator_step", "evaluate_deblur", "evaluate_sr", "export_best", "export_model",
+    "discriminator_step", "evaluate_deblur", "evaluate_sr", "evaluate_wiener", "export_best",
+    "export_model",
     "export_run", "gaussian_kernel", "generator_step", "gradient_energy", "image_files",
     "jpeg_roundtrip", "linear_motion_kernel", "load_for_predict", "load_kernels",
     "load_restorer", "load_training_images", "log", "matlab_imresize", "measure", "mod_crop",
@@ -107,4 +119,5 @@ __all__ = [
     "random_kernel", "resize_matrix", "restore", "rgb_to_y", "run_tiled", "score",
     "set_requires_grad", "sr_batch", "sr_pair", "sr_pairs", "ssim_y", "synthetic_eval_kernels",
     "to_batch", "to_tensor", "to_uint8", "train_gan", "train_restoration", "training_pairs",
+    "wiener_deblur",
 ]

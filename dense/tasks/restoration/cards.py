@@ -15,7 +15,12 @@ from torch import nn
 from dense.cards import markdown_table, model_card
 from dense.config import RestorationConfig, ensure
 from dense.tasks.restoration.degradations import load_kernels
-from dense.tasks.restoration.evaluation import deblur_eval_set, evaluate_deblur, evaluate_sr
+from dense.tasks.restoration.evaluation import (
+    deblur_eval_set,
+    evaluate_deblur,
+    evaluate_sr,
+    evaluate_wiener,
+)
 from dense.tasks.restoration.inference import DEBLUR_TASK, SR_TASK, BicubicUpscaler, Identity
 
 # Published PSNR-Y on the same protocol (../shared/README.md), to place our numbers.
@@ -89,7 +94,9 @@ def _card(config: RestorationConfig, metrics: dict) -> str:
     extra += (f"\n\n{metrics['params'] / 1e6:.2f} M parameters, {metrics['gflops']:.1f} GFLOPs "
               f"for a {metrics['size'][0]}×{metrics['size'][1]} input; CPU latency "
               f"{metrics['cpu_ms']:.0f} ms (median of {metrics['runs']}, "
-              f"{machine['threads']} threads).")
+              f"{machine['threads']} threads)"
+              + (f"; a 512×512 photo {metrics['cpu_ms_512'] / 1000:.2f} s (median of 3)"
+                 if "cpu_ms_512" in metrics else "") + ".")
     if config.task == "sr" and scale in PUBLISHED:
         extra += f"\n\nPublished ×{scale} on this protocol: {PUBLISHED[scale]}."
     if metrics.get("selection"):
@@ -115,9 +122,15 @@ def export_model(model: nn.Module, config: RestorationConfig | dict[str, Any], m
     return save_folder(folder, model.state_dict(), zoo_config, _card(config, metrics))
 
 
+WIENER_ROW = "Wiener, true kernel (non-blind reference)"
+
+
 def _benchmarks(config: RestorationConfig, data_root: Path
                 ) -> tuple[list[tuple[str, Callable]], str]:
-    """The evaluations of a model card: (set name, model → result) pairs, and the protocol."""
+    """The evaluations of a model card: (set name, model → result) pairs, and the protocol.
+    A deblurring run's function also scores ``WIENER_ROW`` when given that name instead of a
+    model: deconvolution with each image's true kernel, the reference a blind model is shown
+    beside."""
     if config.task == "sr":
         scale = config.upscale
         sets = [(name, data_root / "sr" / "benchmark" / name / f"x{scale}")
@@ -131,7 +144,8 @@ def _benchmarks(config: RestorationConfig, data_root: Path
     kernels = load_kernels(data_root / bank)
     items = deblur_eval_set(data_root / sharp, kernels, noise_sigma=data.eval_noise)
     name = f"{Path(sharp).parts[-3]} × {Path(bank).stem}"
-    return ([(name, lambda m: evaluate_deblur(m, items))],
+    return ([(name, lambda m: evaluate_wiener(items) if m == WIENER_ROW
+              else evaluate_deblur(m, items))],
             f"image i blurred with kernel i mod {len(kernels)} of {bank} "
             f"(never used in training), noise σ = {data.eval_noise}, the kernel radius cropped")
 
@@ -146,6 +160,8 @@ def measure(model: nn.Module, config: RestorationConfig | dict[str, Any], data_r
     config = ensure(RestorationConfig, config)
     sets, protocol = _benchmarks(config, data_root)
     models = {**references, config.id: model}
+    if config.task == "deblur":
+        models[WIENER_ROW] = WIENER_ROW
     benchmarks = [{"set": name, "models": {
         mid: {k: round(v, 4) for k, v in run(m).items() if k in ("psnr_y", "ssim_y",
                                                                  "gradient_ratio")}
@@ -155,6 +171,8 @@ def measure(model: nn.Module, config: RestorationConfig | dict[str, Any], data_r
             "params": sum(p.numel() for p in model.parameters()),
             "gflops": count_flops(model, size) / 1e9, "size": list(size),
             "cpu_ms": time_model(model.cpu().eval(), x, runs)["median_ms"], "runs": runs,
+            **({"cpu_ms_512": time_model(model.cpu().eval(), torch.rand(1, 3, 512, 512),
+                                         3)["median_ms"]} if config.task == "deblur" else {}),
             "machine": machine()}
 
 

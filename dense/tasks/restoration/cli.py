@@ -16,7 +16,12 @@ from dense.config import RestorationConfig
 from dense.images import DecodedImage, ImageError, read_image, save_png
 from dense.tasks.restoration.cards import export_run, read_run
 from dense.tasks.restoration.degradations import load_kernels
-from dense.tasks.restoration.evaluation import deblur_eval_set, evaluate_deblur, evaluate_sr
+from dense.tasks.restoration.evaluation import (
+    deblur_eval_set,
+    evaluate_deblur,
+    evaluate_sr,
+    evaluate_wiener,
+)
 from dense.tasks.restoration.inference import (
     DEBLUR_TASK,
     SR_TASK,
@@ -150,10 +155,13 @@ def _eval_sr(args: argparse.Namespace) -> int:
 
 
 def _eval_deblur(args: argparse.Namespace) -> int:
-    model = load_restorer(args.model, None, args.device, args.self_ensemble)
     items = deblur_eval_set(args.sharp, load_kernels(args.kernels), noise_sigma=args.noise,
                             limit=args.limit, crop=args.crop)
-    result = evaluate_deblur(model, items, tile=args.tile)
+    if args.model == "wiener":  # the non-blind reference: it is given each image's kernel
+        result = evaluate_wiener(items)
+    else:
+        model = load_restorer(args.model, None, args.device, args.self_ensemble)
+        result = evaluate_deblur(model, items, tile=args.tile)
     _print_result(result, {"model": args.model, "noise_sigma": args.noise,
                            "self_ensemble": args.self_ensemble})
     return 0
@@ -245,7 +253,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("deblur", help="PSNR/SSIM-Y after blurring sharp images with a "
                                              "kernel bank (image i, kernel i mod K)")
-    p.add_argument("--model", required=True, help="a deblurring model, or identity (baseline)")
+    p.add_argument("--model", required=True,
+                   help="a deblurring model; identity (the blurred input) or wiener (Wiener "
+                        "deconvolution given the true kernel: the non-blind reference)")
     p.add_argument("--sharp", type=Path, required=True)
     p.add_argument("--kernels", type=Path, required=True, help=".npz kernel bank")
     p.add_argument("--noise", type=float, default=1.0, help="noise σ in grey levels (1)")

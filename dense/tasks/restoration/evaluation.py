@@ -4,12 +4,14 @@ images blurred with a kernel bank; PSNR/SSIM-Y and the gradient ratio, per image
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from torch import nn
 
 from dense.images import read_image
 from dense.tasks.restoration.data import image_files
+from dense.tasks.restoration.deconvolution import wiener_deblur
 from dense.tasks.restoration.degradations import degrade_blur, mod_crop
 from dense.tasks.restoration.inference import restore
 from dense.tasks.restoration.metrics import score
@@ -57,10 +59,21 @@ def _summary(rows: list[dict]) -> dict:
     return {**means, "images": len(rows), "per_image": rows}
 
 
+class BlurredImage(NamedTuple):
+    """One image of a deblurring benchmark: what a model sees, what it should give back, and
+    the blur in between (which only a non-blind reference may use)."""
+
+    name: str
+    sharp: np.ndarray
+    blurred: np.ndarray
+    border: int  # pixels left out of the scores on each side: the kernel's radius
+    kernel: np.ndarray
+
+
 def deblur_eval_set(sharp_dir: Path, kernels: list[np.ndarray], *, noise_sigma: float = 0.0,
                     limit: int | None = None, crop: int | None = None,
-                    seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray, int]]:
-    """(name, sharp, blurred, border) per image: image i blurred with kernel i mod K.
+                    seed: int = 0) -> list[BlurredImage]:
+    """A ``BlurredImage`` per image: image i blurred with kernel i mod K.
 
     Deterministic (fixed noise seed), so every epoch and every model sees the same inputs.
     ``crop`` takes a centred square, to keep evaluation during training quick.
@@ -74,16 +87,22 @@ def deblur_eval_set(sharp_dir: Path, kernels: list[np.ndarray], *, noise_sigma: 
             top, left = max((h - crop) // 2, 0), max((w - crop) // 2, 0)
             sharp = sharp[top:top + crop, left:left + crop]
         kernel = kernels[i % len(kernels)]
-        items.append((f"{path.name}+k{i % len(kernels)}", sharp,
-                      degrade_blur(sharp, kernel, noise_sigma, rng), kernel.shape[0] // 2))
+        items.append(BlurredImage(f"{path.name}+k{i % len(kernels)}", sharp,
+                                  degrade_blur(sharp, kernel, noise_sigma, rng),
+                                  kernel.shape[0] // 2, kernel))
     return items
 
 
-def evaluate_deblur(model: nn.Module, items: list[tuple[str, np.ndarray, np.ndarray, int]],
-                    tile: int = 256) -> dict:
+def evaluate_deblur(model: nn.Module, items: list[BlurredImage], tile: int = 256) -> dict:
     """PSNR/SSIM-Y of ``model`` on ``deblur_eval_set`` items (kernel radius cropped)."""
-    rows = []
-    for name, sharp, blurred, border in items:
-        out = restore(model, blurred, tile=tile)
-        rows.append({"image": name, **score(out, sharp, border)})
+    rows = [{"image": item.name, **score(restore(model, item.blurred, tile=tile), item.sharp,
+                                         item.border)} for item in items]
+    return _summary(rows)
+
+
+def evaluate_wiener(items: list[BlurredImage]) -> dict:
+    """The non-blind reference on the same items: Wiener deconvolution with each image's true
+    kernel (what a blind model could reach if it knew the blur)."""
+    rows = [{"image": item.name, **score(wiener_deblur(item.blurred, item.kernel), item.sharp,
+                                         item.border)} for item in items]
     return _summary(rows)

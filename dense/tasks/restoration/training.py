@@ -103,7 +103,7 @@ class RestorationTask:
         """A strip per eval image (input resized | output | target), centre crops, for a look."""
         rows = []
         pairs = (zip(self.eval_lr, self.eval_hr, strict=True) if self.task == "sr"
-                 else ((b, s) for _, s, b, _ in self.eval_items))
+                 else ((item.blurred, item.sharp) for item in self.eval_items))
         for degraded, target in list(pairs)[:4]:
             h, w = degraded.shape[:2]
             c = min(size // max(self.scale, 1), h, w)
