@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a fresh process from start to first result")
     p.set_defaults(func=_bench)
 
-    from dense.serve.measure import add_backends_parser
+    from dense.serve.listing import add_backends_parser
 
     add_backends_parser(sub)
     return parser

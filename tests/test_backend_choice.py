@@ -167,6 +167,15 @@ def test_a_slow_model_keeps_the_rule_after_one_call(bench) -> None:
     # One timed call: the export already ran at this size in its check.
     assert fake.built == ["openvino"] and fake.calls == {"openvino": 1}
     assert "not measured" in model.choice.note
+    # A model of any size (an SR port) runs once untimed first, unless that call is over twice
+    # the cap already.
+    port = Tiny(digest="ef" * 32)
+    port.config = {**port.config, "architecture": "waifu2x_upconv7", "input": {}}
+    fake = bench({"openvino": 900.0, "onnxruntime": 1.0, "channels_last": 5.0})
+    assert serve_model(port, "cpu").choice.how == "rule" and fake.calls == {"openvino": 2}
+    fake = bench({"openvino": 1500.0, "onnxruntime": 1.0, "channels_last": 5.0})
+    port.config = {**port.config, "sha256": {zoo.WEIGHTS_FILE: "01" * 32}}
+    assert serve_model(port, "cpu").choice.how == "rule" and fake.calls == {"openvino": 1}
     again = bench({"openvino": 900.0, "onnxruntime": 1.0, "channels_last": 5.0})
     assert serve_model(Tiny(), "cpu").choice.cached and again.calls == {}  # not probed again
 

@@ -191,6 +191,70 @@ def test_stream_function_draws_and_reports_latency(model_id: str) -> None:
     assert empty is None
 
 
+def _data_url(rgb: np.ndarray, quality: int = 92) -> str:
+    """A frame as the browser sends it: canvas.toDataURL('image/jpeg')."""
+    import base64
+
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode()
+
+
+def test_live_codec_round_trip_is_timed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Webcam JPEG → array (as Gradio's Pillow path gives it) → live_frame → JPEG data: URL
+    in the message (no file), with the frame's four stages kept in ui.TIMINGS."""
+    import base64
+
+    import gradio as gr
+    from gradio import image_utils
+    from gradio.data_classes import ImageData
+
+    rgb = cv2.resize(photo("examples/astronaut.png"), (640, 480))
+    payload = ImageData(url=_data_url(rgb), path=None)
+    webcam = gr.Image(sources=["webcam"], streaming=True, type="numpy", render=False)
+    out_image = gr.Image(format="jpeg", render=False)
+    frame = ui._webcam_preprocess(webcam, payload)
+    reference = image_utils.preprocess_image(payload, webcam.GRADIO_CACHE, "webp", "RGB",
+                                             "numpy")
+    np.testing.assert_array_equal(frame, reference)  # the same pixels as Gradio's decoder
+    assert isinstance(frame, ui.LiveFrame) and frame.decode_s > 0
+    assert ui._webcam_preprocess(webcam, None) is None
+
+    before = len(ui.TIMINGS)
+    out, state, text = ui.live_frame(frame, "blazepose-lite", True, False, 0.5, None)
+    sent = ui._live_postprocess(out_image, out)
+    assert set(sent) >= {"url", "mime_type"} and "meta" not in sent  # passed through as is
+    assert sent["url"].startswith("data:image/jpeg;base64,")
+    back = cv2.imdecode(np.frombuffer(base64.b64decode(sent["url"].split(",", 1)[1]),
+                                      np.uint8), cv2.IMREAD_COLOR)
+    assert back.shape == (480, 640, 3)
+    assert np.abs(cv2.cvtColor(back, cv2.COLOR_BGR2RGB).astype(int) - out).mean() < 4
+    timing = ui.TIMINGS[-1]
+    assert len(ui.TIMINGS) == min(before + 1, ui.TIMINGS_KEPT)
+    assert timing.model_id == "blazepose-lite" and timing.sent >= timing.received
+    assert min(timing.decode, timing.model, timing.draw, timing.encode) > 0
+    assert timing.sent - timing.received >= timing.stages - 1e-6
+    assert all(f"{k} " in text for k in ("model", "decode", "draw"))
+    assert "encode " in state.split_text()  # shown from the next frame on
+
+    # Gradio's own path still works (files, API clients), and is timed the same way.
+    old = ui.LIVE_CODEC
+    try:
+        ui.LIVE_CODEC = "gradio"
+        out, state, _ = ui.live_frame(ui._webcam_preprocess(webcam, payload), "blazepose-lite",
+                                      True, False, 0.5, state)
+        assert ui._live_postprocess(out_image, out).path.endswith(".jpeg")
+    finally:
+        ui.LIVE_CODEC = old
+
+    bad = ImageData(url="data:image/jpeg;base64,bm90IGFuIGltYWdl", path=None)
+    with pytest.raises(gr.Error):
+        ui._webcam_preprocess(webcam, bad)
+    monkeypatch.setenv("DENSE_MAX_PIXELS", str(640 * 480 - 1))  # refused before decoding
+    with pytest.raises(gr.Error, match="pixel limit"):
+        ui._webcam_preprocess(webcam, payload)
+
+
 def test_cli_predict_pose(tmp_path, capsys) -> None:
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

@@ -141,11 +141,3 @@ class UNet(nn.Module):
                      if self.scale > 1 else x)
         return y
 
-
-def load_pretrained_encoder(model: UNet, model_id: str = "efficientnet-lite0") -> UNet:
-    """Moved to :func:`dense.zoo.load_pretrained_encoder` (the building blocks do not know where
-    weights live). TEMPORARY: kept until dense.tasks.segmentation_training and
-    dense.tasks.keypoints import it from the zoo; it is the last arrow from nn to the zoo."""
-    from dense.zoo import load_pretrained_encoder as from_zoo
-
-    return from_zoo(model, model_id)

@@ -5,18 +5,34 @@ webcam to MoveNet MultiPose with track ids; BlazePose stays for its 33 keypoints
 (``dense.tasks.group_pose`` has the pipelines). The models run once per photo; the threshold,
 keypoint set and joint controls only redraw the stored result. Each browser session's stream
 keeps its tracker in gr.State.
+
+The live stream times every frame on the server (:class:`FrameTiming`: decoding the browser's
+JPEG, the model with its pre- and post-processing, drawing, encoding the reply) with a few
+``perf_counter`` calls; the timing box shows them smoothed, and :data:`TIMINGS` keeps the last
+frames' records (the browser test reads them to split each frame's round trip). The webcam's
+frames are decoded, and the drawn frame encoded, here rather than by Gradio: the reply is a JPEG
+``data:`` URL inside the event's message, where Gradio would write a file to its cache and the
+page would fetch it with a second request (docs/live-webcam.md has the measurements).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import json
 import time
-from dataclasses import dataclass
+import types
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import gradio as gr
 import numpy as np
+import PIL.Image
 
+from dense.images import pixel_limit
 from dense.ports.blazepose import Pose
 from dense.tasks import group_pose as gp
 from dense.tasks import pose as pt
@@ -185,6 +201,50 @@ def switch_layout(result: PhotoResult | None, coco17: bool, threshold: float,
 # Live webcam
 
 
+# JPEG quality of the frame sent back (OpenCV's scale; the browser sends its frames at 0.92).
+LIVE_JPEG_QUALITY = 80
+# "opencv": the webcam's JPEG decoded and the reply encoded here, the reply a data: URL in the
+# event's message. "gradio": Gradio's own path (Pillow; the reply a JPEG file in Gradio's
+# cache, fetched by the page with a second request), kept to measure against.
+LIVE_CODEC = "opencv"
+TIMINGS_KEPT = 4096
+
+
+@dataclass
+class FrameTiming:
+    """One live frame's time on the server, in seconds: ``decode`` (the browser's JPEG →
+    RGB array), ``model`` (the models with their pre- and post-processing and tracking),
+    ``draw`` (skeletons and label), ``encode`` (the drawn frame → what Gradio sends);
+    ``received`` and ``sent`` are ``time.perf_counter()`` when decoding began and encoding
+    ended (what lies between them beyond the four stages is Gradio's own work)."""
+
+    model_id: str
+    received: float
+    decode: float
+    model: float
+    draw: float
+    encode: float = 0.0
+    sent: float = 0.0
+
+    @property
+    def stages(self) -> float:
+        return self.decode + self.model + self.draw + self.encode
+
+
+# The last frames' timings, every stream's, oldest first (a few floats a frame).
+TIMINGS: deque[FrameTiming] = deque(maxlen=TIMINGS_KEPT)
+
+
+class LiveFrame(np.ndarray):
+    """A frame with its timing, carried from the webcam's preprocess through
+    :func:`live_frame` to the output's postprocess (a plain array in every other way)."""
+
+    received: float | None = None  # perf_counter when decoding began
+    decode_s: float = 0.0
+    timing: FrameTiming | None = None
+    state: LiveState | None = None
+
+
 @dataclass
 class LiveState:
     """One browser session's stream: its tracker and frame timing. BlazePose tracks with its
@@ -196,6 +256,7 @@ class LiveState:
     pipeline: gp.Pipeline | None = None
     last_frame: float | None = None
     interval: float | None = None  # seconds between frames, smoothed
+    split: dict[str, float] = field(default_factory=dict)  # stage → seconds, smoothed
 
     def tick(self, now: float) -> None:
         """Note a frame's arrival; the interval is smoothed over about ten frames (averaging
@@ -205,9 +266,18 @@ class LiveState:
             self.interval = dt if self.interval is None else 0.9 * self.interval + 0.1 * dt
         self.last_frame = now
 
+    def note(self, stage: str, seconds: float) -> None:
+        """Smooth a stage's time over about ten frames, as the interval is."""
+        old = self.split.get(stage)
+        self.split[stage] = seconds if old is None else 0.9 * old + 0.1 * seconds
+
     @property
     def fps(self) -> float:
         return 1.0 / self.interval if self.interval else 0.0
+
+    def split_text(self) -> str:
+        ms = {k: 1000 * v for k, v in self.split.items()}
+        return ", ".join(f"{k} {ms[k]:.1f}" for k in ("decode", "draw", "encode") if k in ms)
 
 
 def live_frame(frame: np.ndarray | None, model_id: str, smoothing: bool, coco17: bool,
@@ -216,6 +286,7 @@ def live_frame(frame: np.ndarray | None, model_id: str, smoothing: bool, coco17:
     if frame is None:
         return None, state, ""
     now = time.monotonic()
+    start = time.perf_counter()
     # A new stream (or a long pause, after which the old poses say nothing) starts afresh.
     stale = state is not None and state.last_frame is not None and now - state.last_frame > 2
     if state is None or stale or state.model_id != model_id:
@@ -225,22 +296,98 @@ def live_frame(frame: np.ndarray | None, model_id: str, smoothing: bool, coco17:
             state = LiveState(gp.PeopleTracker(), model_id, pipeline_for(model_id))
     state.tracker.smoothing = bool(smoothing)
     state.tick(now)
+    decode_start = time.perf_counter()
     rgb = common.decode(frame).rgb
+    decode = getattr(frame, "decode_s", 0.0) + time.perf_counter() - decode_start
+    received = getattr(frame, "received", None) or start
     if state.pipeline is None:
         step = state.tracker.update(rgb, now)
+        latency, note = step.latency, " (detector)" if step.detected else ""
+        draw_start = time.perf_counter()
         layout = pt.layout_for(coco17)
         out = pt.draw_poses(rgb, [pt.keypoints(p, layout) for p in step.poses], layout,
                             threshold)
-        latency, note = step.latency, " (detector)" if step.detected else ""
     else:
-        start = time.perf_counter()
+        model_start = time.perf_counter()
         people = state.tracker.update(state.pipeline.estimate(rgb), now)
-        latency = time.perf_counter() - start
+        draw_start = time.perf_counter()
+        latency = draw_start - model_start
         out = gp.draw_people(rgb, people, threshold, by_track=True)
         note = f", {len(people)} people"
-    text = f"{state.fps:4.1f} frames/s, model {1000 * latency:3.0f} ms{note}"
-    pt.draw_label(out, [text])
-    return out, state, text
+    label = f"{state.fps:4.1f} frames/s, model {1000 * latency:3.0f} ms{note}"
+    pt.draw_label(out, [label])
+    draw = time.perf_counter() - draw_start
+    state.note("decode", decode)
+    state.note("model", latency)
+    state.note("draw", draw)
+    out = out.view(LiveFrame)
+    out.timing = FrameTiming(model_id, received, decode, latency, draw)
+    out.state = state
+    return out, state, f"{label}; {state.split_text()} ms"
+
+
+def _webcam_preprocess(self: gr.Image, payload: Any) -> np.ndarray | None:
+    """The webcam's frame (a JPEG ``data:`` URL from the browser) → RGB array, timed.
+
+    Pillow reads the header (so the pixel limit refuses a bomb before any decoding), OpenCV
+    decodes; anything else (a file from an API client) goes through Gradio's own path."""
+    if payload is None:
+        return None
+    start = time.perf_counter()
+    rgb = None
+    url = payload.url or ""
+    if LIVE_CODEC == "opencv" and url.startswith("data:") and "," in url:
+        try:
+            data = base64.b64decode(url.split(",", 1)[1], validate=True)
+            width, height = PIL.Image.open(io.BytesIO(data)).size
+        except (binascii.Error, ValueError, OSError) as err:
+            raise gr.Error("The webcam frame received is not a readable image.") from err
+        if width * height > pixel_limit():
+            raise gr.Error(f"The webcam frame is {width}×{height}, above the pixel limit.")
+        rgb = _imdecode_rgb(data)
+    if rgb is None:
+        rgb = gr.Image.preprocess(self, payload)
+        if rgb is None:
+            return None
+    frame = np.asarray(rgb).view(LiveFrame)
+    frame.received, frame.decode_s = start, time.perf_counter() - start
+    return frame
+
+
+def _imdecode_rgb(data: bytes) -> np.ndarray | None:
+    buf = np.frombuffer(data, np.uint8)
+    if hasattr(cv2, "IMREAD_COLOR_RGB"):  # OpenCV ≥ 4.10 decodes straight to RGB
+        return cv2.imdecode(buf, cv2.IMREAD_COLOR_RGB)
+    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _live_postprocess(self: gr.Image, value: Any) -> Any:
+    """The drawn frame → a JPEG ``data:`` URL in the message itself (no file, no second
+    request), timed; the frame's :class:`FrameTiming` is then complete and kept."""
+    if value is None:
+        return None
+    start = time.perf_counter()
+    if LIVE_CODEC == "opencv":
+        rgb = np.ascontiguousarray(value, dtype=np.uint8)
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, LIVE_JPEG_QUALITY])
+        if not ok:
+            raise gr.Error("The frame could not be encoded.")
+        url = "data:image/jpeg;base64," + base64.b64encode(buf).decode("ascii")
+        # Not a FileData (no "meta"): Gradio passes it through untouched, the page shows url.
+        result: Any = {"url": url, "path": None, "orig_name": None, "size": len(buf),
+                       "mime_type": "image/jpeg", "is_stream": False}
+    else:
+        result = gr.Image.postprocess(self, np.asarray(value))
+    end = time.perf_counter()
+    timing, state = getattr(value, "timing", None), getattr(value, "state", None)
+    if timing is not None:
+        timing.encode, timing.sent = end - start, end
+        TIMINGS.append(timing)
+    if state is not None:
+        state.note("encode", end - start)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +449,8 @@ def _build_live(models: list[str]) -> None:
         with gr.Column():
             webcam = gr.Image(label="Webcam", sources=["webcam"], streaming=True, type="numpy",
                               elem_id="pose-live-webcam")
+            # Methods set on the instances (see common.photo_input for why not a subclass).
+            webcam.preprocess = types.MethodType(_webcam_preprocess, webcam)
             model = gr.Dropdown(pipeline_choices(models), value=default, label="Model",
                                 elem_id="pose-live-model")
             smoothing = gr.Checkbox(True, label="Smooth landmarks (One-Euro filter)")
@@ -311,6 +460,7 @@ def _build_live(models: list[str]) -> None:
             # JPEG: the fastest to encode, and the frame is shown once and thrown away.
             out = gr.Image(label="Pose", format="jpeg", interactive=False,
                            elem_id="pose-live-output")
+            out.postprocess = types.MethodType(_live_postprocess, out)
             timing = gr.Textbox(label="Timing", interactive=False, elem_id="pose-live-timing")
     webcam.stream(live_frame, [webcam, model, smoothing, coco17, threshold, state],
                   [out, state, timing], stream_every=STREAM_EVERY, time_limit=STREAM_TIME_LIMIT,
