@@ -34,6 +34,7 @@ import app
 from dense import zoo
 from dense.cli import main
 from dense.images import encode_png, read_image, save_png
+from dense.serve import served
 from dense.tasks import pose as pt
 from dense.ui import common, lab, pose, restore, segment
 from tests.test_images import (
@@ -364,7 +365,9 @@ def corrupt_weights(request: pytest.FixtureRequest, tmp_path: Path,
         elif folder.is_dir():
             (root / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
     monkeypatch.setenv("DENSE_WEIGHTS", str(root))
-    monkeypatch.setattr(zoo, "_cache", {})  # no model loaded before: all load from `root`
+    # No model loaded before, served or eager: all load from `root`.
+    monkeypatch.setattr(zoo, "_cache", {})
+    monkeypatch.setattr(served, "_cache", {})
     return root
 
 

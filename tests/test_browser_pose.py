@@ -112,25 +112,37 @@ def clips(tmp_path_factory) -> dict[str, Path]:
             for photo in set(CLIP_PHOTO.values())}
 
 
-def _descendants_cpu_s(root: int) -> float:
+def _descendants_cpu_s(root: int) -> dict[str, float]:
     """CPU seconds (user + system) used so far by the processes below ``root`` (the browser
-    and playwright's driver), from /proc."""
+    and playwright's driver), from /proc, by Chromium's process type (``renderer``,
+    ``gpu-process``, a utility's service, ``browser`` for the main process)."""
     parents: dict[int, int] = {}
     ticks: dict[int, int] = {}
+    kinds: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            # Chromium rewrites its command line as one string: split on spaces too.
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().split()
+        except (OSError, UnicodeDecodeError):
             continue
-        parents[int(entry.name)] = int(fields[1])
-        ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+        pid = int(entry.name)
+        parents[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
+        kind = "browser" if argv and "chrom" in argv[0] else "driver"
+        for arg in argv:
+            if arg.startswith(("--type=", "--utility-sub-type=")):
+                kind = arg.split("=", 1)[1].split(".")[0]
+        kinds[pid] = kind
     below, frontier = set(), {root}
     while frontier:
         frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - below
         below |= frontier
-    return sum(ticks[pid] for pid in below) / os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for pid in below:
+        out[kinds[pid]] = out.get(kinds[pid], 0.0) + ticks[pid] / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def split(model_id: str, stamps: list[float], since: float, until: float) -> dict[str, float]:
@@ -152,6 +164,7 @@ def split(model_id: str, stamps: list[float], since: float, until: float) -> dic
     out["transport"] = period - out["server span"]
     out["period"] = period
     out["server frames"] = len(frames)
+    out["size"] = statistics.mode(t.size for t in frames)
     return out
 
 
@@ -182,28 +195,37 @@ def measure(url: str, clip: Path, model_id: str) -> dict:
             page.locator("#pose-live-output img").first.wait_for(timeout=60_000)
             page.wait_for_timeout(2000)
             page.evaluate(OBSERVER_JS)
-            since, cpu_app, cpu_browser = (time.perf_counter(), time.process_time(),
-                                           _descendants_cpu_s(os.getpid()))
+            since, cpu_app, cpu_before = (time.perf_counter(), time.process_time(),
+                                          _descendants_cpu_s(os.getpid()))
             page.wait_for_timeout(MEASURE_S * 1000)
             until = time.perf_counter()
-            cpu_app, cpu_browser = (time.process_time() - cpu_app,
-                                    _descendants_cpu_s(os.getpid()) - cpu_browser)
+            cpu_app, cpu_after = time.process_time() - cpu_app, _descendants_cpu_s(os.getpid())
             stamps = page.evaluate("window.__poseFrames")
-            timing = page.locator("#pose-live-timing textarea").input_value()
+            # A one-line textbox is an <input>, a taller one a <textarea>.
+            timing = page.locator("#pose-live-timing").locator("input, textarea").first \
+                .input_value()
         finally:
             browser.close()
     fps = (len(stamps) - 1) / ((stamps[-1] - stamps[0]) / 1000) if len(stamps) > 1 else 0.0
+    seconds = until - since
+    by_type = {k: (v - cpu_before.get(k, 0.0)) / seconds for k, v in cpu_after.items()}
     return {"fps": fps, "timing": timing, "split": split(model_id, stamps, since, until),
-            "cpu_app": cpu_app / (until - since), "cpu_browser": cpu_browser / (until - since)}
+            "cpu_app": cpu_app / seconds, "cpu_browser": sum(by_type.values()),
+            "cpu_browser_by_type": {k: v for k, v in sorted(by_type.items(), key=lambda i: -i[1])
+                                    if v >= 0.005}}
 
 
 def describe(model_id: str, result: dict) -> str:
     parts = ", ".join(f"{k} {v:.1f}" for k, v in result["split"].items()
-                      if k not in ("period", "server frames"))
+                      if k not in ("period", "server frames", "size"))
     frames = result["split"].get("server frames", 0)
-    return (f"{model_id}: {result['fps']:.1f} frames/s received by the page at {WIDTH}x{HEIGHT} "
-            f"over {MEASURE_S:.0f} s; ms per frame: {parts} (means over {frames} frames); "
-            f"cores busy: app {result['cpu_app']:.2f}, browser {result['cpu_browser']:.2f}; "
+    w, h = result["split"].get("size", (0, 0))
+    return (f"{model_id}: {result['fps']:.1f} frames/s received by the page, camera "
+            f"{WIDTH}x{HEIGHT}, frames sent {w}x{h}, over {MEASURE_S:.0f} s; ms per frame: "
+            f"{parts} (means over {frames} frames); "
+            f"cores busy: app {result['cpu_app']:.2f}, browser {result['cpu_browser']:.2f} ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in result["cpu_browser_by_type"].items())
+            + "); "
             f"app says: {result['timing']!r}")
 
 

@@ -12,7 +12,7 @@ from dense.nn.upsample import UPSAMPLERS, PixelShuffleICNR, Transposed, make_ups
 
 
 def small_unet(encoder: str, upsampler: str, **kwargs) -> UNet:
-    if encoder == "plain":
+    if encoder in ("plain", "gated"):
         return UNet(encoder=encoder, encoder_channels=[4, 8, 8, 16], decoder_channels=[8, 8, 4],
                     upsampler=upsampler, **kwargs)
     return UNet(encoder=encoder, decoder_channels=[16, 16, 8, 8, 4], upsampler=upsampler, **kwargs)
@@ -94,3 +94,17 @@ def test_transposed_kernel_3_stride_2_overlaps_unevenly() -> None:
     torch.nn.init.zeros_(module.bias)
     out = module(torch.ones(1, 1, 4, 4))[0, 0]
     assert set(out[1:-1, 1:-1].unique().tolist()) == {1.0, 2.0, 4.0}
+
+
+def test_gated_blocks_start_as_the_identity_and_learn() -> None:
+    """A gated block adds nothing until trained (β = γ = 0), so a U-Net of them starts as its
+    residual; and its gradients reach β and γ, so it does not stay that way."""
+    from dense.nn.encoders import GatedBlock
+
+    block = GatedBlock(8)
+    x = torch.rand(2, 8, 9, 11)
+    assert torch.equal(block(x), x)
+    block(x).square().mean().backward()
+    assert block.beta.grad.abs().sum() > 0 and block.gamma.grad.abs().sum() > 0
+    model = small_unet("gated", "pixelshuffle", out_channels=3, residual=True, norm="none")
+    assert any(isinstance(m, GatedBlock) for m in model.decoder.modules())  # decoder too

@@ -255,6 +255,20 @@ def test_live_codec_round_trip_is_timed(monkeypatch: pytest.MonkeyPatch) -> None
         ui._webcam_preprocess(webcam, payload)
 
 
+def test_live_tab_asks_for_the_frame_size_and_uses_its_codec() -> None:
+    import gradio as gr
+
+    with gr.Blocks() as demo:
+        ui._build_live(["blazepose-lite"])
+    by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+    webcam, out = by_id["pose-live-webcam"], by_id["pose-live-output"]
+    w, h = ui.LIVE_CAMERA
+    assert webcam.webcam_options.constraints == {
+        "video": {"width": {"ideal": w}, "height": {"ideal": h}}}
+    assert webcam.preprocess.__func__ is ui._webcam_preprocess
+    assert out.postprocess.__func__ is ui._live_postprocess
+
+
 def test_cli_predict_pose(tmp_path, capsys) -> None:
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")

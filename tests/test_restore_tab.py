@@ -123,7 +123,7 @@ class SlowUpscaler(nn.Module):
 def test_the_limit_follows_the_measured_speed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tab, "_seconds_per_pixel", {})
     slow = SlowUpscaler(2e-5)  # 128² input → 0.33 s; 1 MP → about 20 s
-    measured = tab.seconds_per_input_pixel("slow", slow, 2)
+    measured = tab.seconds_per_input_pixel("slow", slow)
     assert 1.5e-5 < measured < 4e-5
     monkeypatch.setenv("DENSE_RESTORE_MAX_SECONDS", "10")
     # 640×360 → ~5 s: allowed; 1000×1000 → ~20 s: refused with the estimate and the command.

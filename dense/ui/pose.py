@@ -47,8 +47,9 @@ LIVE_PREFERRED = gp.DEFAULT_LIVE
 MAX_PEOPLE_DEFAULT = 20
 # The browser captures a frame every STREAM_EVERY seconds unless the last one is still being
 # processed, so the real rate is set by the round trip; a short period only trims the wait
-# between a reply and the next capture.
-STREAM_EVERY = 0.02
+# between a reply and the next capture (half the period on average: 10 ms a frame at 0.02 s;
+# a tick while a frame is in flight costs the page nothing).
+STREAM_EVERY = 0.005
 STREAM_TIME_LIMIT = 300  # s of processing per stream, so one visitor cannot hold the queue
 STREAM_CONCURRENCY = 2  # streams processed at once (each stream's frames are sequential)
 
@@ -201,6 +202,9 @@ def switch_layout(result: PhotoResult | None, coco17: bool, threshold: float,
 # Live webcam
 
 
+# The frame size the browser is asked for (Gradio asks for up to 1920×1440 by default: a
+# laptop's 720p or 1080p camera then sent every frame at that size); None: Gradio's default.
+LIVE_CAMERA: tuple[int, int] | None = (640, 480)
 # JPEG quality of the frame sent back (OpenCV's scale; the browser sends its frames at 0.92).
 LIVE_JPEG_QUALITY = 80
 # "opencv": the webcam's JPEG decoded and the reply encoded here, the reply a data: URL in the
@@ -225,6 +229,7 @@ class FrameTiming:
     draw: float
     encode: float = 0.0
     sent: float = 0.0
+    size: tuple[int, int] = (0, 0)  # the frame's width and height
 
     @property
     def stages(self) -> float:
@@ -321,7 +326,8 @@ def live_frame(frame: np.ndarray | None, model_id: str, smoothing: bool, coco17:
     state.note("model", latency)
     state.note("draw", draw)
     out = out.view(LiveFrame)
-    out.timing = FrameTiming(model_id, received, decode, latency, draw)
+    out.timing = FrameTiming(model_id, received, decode, latency, draw,
+                             size=(rgb.shape[1], rgb.shape[0]))
     out.state = state
     return out, state, f"{label}; {state.split_text()} ms"
 
@@ -447,8 +453,12 @@ def _build_live(models: list[str]) -> None:
     default = LIVE_PREFERRED if LIVE_PREFERRED in models else (models[0] if models else None)
     with gr.Row():
         with gr.Column():
+            constraints = None if LIVE_CAMERA is None else {
+                "video": {"width": {"ideal": LIVE_CAMERA[0]},
+                          "height": {"ideal": LIVE_CAMERA[1]}}}
             webcam = gr.Image(label="Webcam", sources=["webcam"], streaming=True, type="numpy",
-                              elem_id="pose-live-webcam")
+                              elem_id="pose-live-webcam",
+                              webcam_options=gr.WebcamOptions(constraints=constraints))
             # Methods set on the instances (see common.photo_input for why not a subclass).
             webcam.preprocess = types.MethodType(_webcam_preprocess, webcam)
             model = gr.Dropdown(pipeline_choices(models), value=default, label="Model",
@@ -461,7 +471,10 @@ def _build_live(models: list[str]) -> None:
             out = gr.Image(label="Pose", format="jpeg", interactive=False,
                            elem_id="pose-live-output")
             out.postprocess = types.MethodType(_live_postprocess, out)
-            timing = gr.Textbox(label="Timing", interactive=False, elem_id="pose-live-timing")
+            # One line, never resized: a textbox that fits its height to the text measures the
+            # page's layout on every frame (2–3 ms of the page's time a frame).
+            timing = gr.Textbox(label="Timing", interactive=False, elem_id="pose-live-timing",
+                                lines=1, max_lines=1)
     webcam.stream(live_frame, [webcam, model, smoothing, coco17, threshold, state],
                   [out, state, timing], stream_every=STREAM_EVERY, time_limit=STREAM_TIME_LIMIT,
                   concurrency_limit=STREAM_CONCURRENCY, show_progress="hidden")

@@ -68,7 +68,7 @@ _seconds_per_pixel: dict[tuple[str, bool], float] = {}
 _timing_lock = threading.Lock()
 
 
-def seconds_per_input_pixel(model_id: str, model: nn.Module, scale: int) -> float:
+def seconds_per_input_pixel(model_id: str, model: nn.Module) -> float:
     """Seconds ``model`` takes per input pixel here: timed once (one call on a random
     TIMING_SIDE² input, after a warm-up call) and remembered per model. A small input pays a
     larger share of fixed costs than the tab's 256-pixel tiles, so the estimate errs on the
@@ -99,7 +99,7 @@ def check_job_size(model_id: str, model: nn.Module, height: int, width: int, sca
             f"above this app's {max_output_pixels() / 1e6:.0f} MP memory limit "
             f"(DENSE_RESTORE_MAX_PIXELS). Use a smaller photo, or the command line, tiled and "
             f"without a limit: {command}")
-    seconds = seconds_per_input_pixel(model_id, model, scale) * height * width
+    seconds = seconds_per_input_pixel(model_id, model) * height * width
     if seconds > max_seconds():
         raise gr.Error(
             f"{model_id} would take about {seconds:.0f} s for this {width}×{height} photo on "
