@@ -392,3 +392,9 @@ def to_tensor(rgb: np.ndarray, device: torch.device | str | None = None) -> torc
     takes; on ``device`` when given. The one place this conversion is written."""
     tensor = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 255
     return tensor.to(device) if device is not None else tensor
+
+
+def to_batch(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """N H×W×3 uint8 RGB images (equal sizes) → N×3×H×W float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2) \
+        .float() / 255

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from dense.data import REPO_ROOT
 from dense.ports.espnetv2 import ESPNetv2Segmenter
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples"
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "espnetv2"
 FIDELITY = FIXTURES / "fidelity.json"

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from dense.data import REPO_ROOT
 from dense.ports.ncnn import Layer, Weights, conv_geometry, read_model
 from dense.ports.tinypose import Conv, TinyPose
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples"
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "tinypose"
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from dense.data import REPO_ROOT
 from dense.ports.yolox import YOLOX
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples"
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "yolox"
 FIXTURE_FILE = FIXTURES / "yolox-nano.npz"

@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from dense.data import REPO_ROOT
 from dense.ports.ncnn import Weights, read_model
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "examples"
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "sr"
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dense.images import DecodedImage
+from dense.images import DecodedImage, to_batch
 from dense.serve.devices import inference, model_device
 from dense.tasks import pose as pt
 
@@ -114,7 +114,7 @@ class TopDown:
         size = tuple(self.keypoint_model.config["input"]["size"])
         crops, matrices = zip(*(tinypose.crop_person(rgb, box, size) for box in boxes),
                               strict=True)
-        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255
+        x = to_batch(crops)
         maps = _to_cpu(_run(self.keypoint_model, x))
         crop_to_image = tinypose.invert_affine(np.stack(matrices))  # N×2×3
         stride = size[0] / maps.shape[-2]  # a map pixel u is crop pixel stride·u

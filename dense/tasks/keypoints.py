@@ -31,7 +31,7 @@ from torch import nn
 
 from dense.cards import model_card
 from dense.config import KeypointConfig, ensure
-from dense.images import read_image
+from dense.images import read_image, to_batch, to_tensor
 from dense.serve.devices import inference, model_device
 from dense.tasks.pose import COCO17_NAMES
 
@@ -145,7 +145,7 @@ class KeypointCrops(torch.utils.data.Dataset):
         points[~labelled] = np.nan
         target = gaussian_maps(points, self.size, self.sigma)
         weight = (labelled & inside).astype(np.float32)
-        image = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255
+        image = to_tensor(crop)[0]
         return image, (torch.from_numpy(target), torch.from_numpy(weight))
 
 
@@ -212,7 +212,7 @@ def predict_people(model: nn.Module, rgb: np.ndarray, boxes: list[np.ndarray]) -
     matrices = [crop_affine(b, (height, width)) for b in boxes]
     crops = np.stack([cv2.warpAffine(rgb, m, (width, height), flags=cv2.INTER_LINEAR)
                       for m in matrices])
-    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+    x = to_batch(crops)
     device = model_device(model)
     with inference(device):
         maps = model(x.to(device)).float().cpu()

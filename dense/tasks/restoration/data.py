@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dense.images import IMAGE_SUFFIXES, read_image
+from dense.images import IMAGE_SUFFIXES, read_image, to_batch
 from dense.tasks.restoration.degradations import (
     degrade_blur,
     jpeg_roundtrip,
@@ -55,12 +55,6 @@ class PatchSampler:
         if self.rng.random() < 0.5:
             patch = patch[:, ::-1]
         return np.ascontiguousarray(np.rot90(patch, self.rng.integers(4)))
-
-
-def to_batch(images: list[np.ndarray] | np.ndarray) -> torch.Tensor:
-    """N H×W×3 uint8 images → N×3×H×W float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2) \
-        .float() / 255
 
 
 def sr_batch(sampler: PatchSampler, batch_size: int, patch: int,
