@@ -42,11 +42,11 @@ PY
 
 BENCH=${BENCH:-1}            # 0: training only
 RESERVE_S=${RESERVE_S:-80}   # kept for a last epoch and the copying back
-# Each training: "task config run-name [more dense train arguments]". The default: the runs of
-# this project's first GPU session, each starting from the fp16 copy of a bundled model.
-JOBS=${JOBS:-"seg configs/unet-camvid-stage3.toml unet-camvid-stage3 --init unet-camvid
-sr configs/unet-sr-x4-gpu-ft.toml unet-sr-x4-gpu-ft --init unet-sr-x4
-sr configs/unet-sr-x2-gpu-ft.toml unet-sr-x2-gpu-ft --init unet-sr-x2"}
+# Each training: "task config run-name [more dense train arguments]". The default: the wide
+# deblurring U-Net of issue 22, which a 2-core CPU cannot train far enough (docs/benchmarks.md,
+# "Deblurring"). Earlier sessions ran "seg configs/unet-camvid-stage3.toml unet-camvid-stage3
+# --init unet-camvid" and "sr configs/unet-sr-x4-gpu-ft.toml unet-sr-x4-gpu-ft --init unet-sr-x4".
+JOBS=${JOBS:-"deblur configs/unet-deblur-wide.toml unet-deblur-wide"}
 # One BLAS thread per process: without it, no SR epoch finished in 6 minutes in the first call
 # (a dozen data workers, each free to start 16 OpenBLAS threads: the likely cause); with it,
 # the second call ran the same jobs at 40-60 steps/s.
