@@ -64,16 +64,17 @@ def max_seconds() -> float:
 
 
 TIMING_SIDE = 128  # input side of the timed call per model
+# A whole photo costs more per pixel than one small call: the tiles overlap, and the output is
+# assembled and converted. unet-sr-x4 on a 1000×1000 photo took 33.8 s where 128-pixel calls
+# predicted 23.6 s (1.43×; 2-core AMD EPYC Zen 4, 2 threads, nothing else running).
+TILING_OVERHEAD = 1.5
 _seconds_per_pixel: dict[tuple[str, bool], float] = {}
 _timing_lock = threading.Lock()
 
 
 def seconds_per_input_pixel(model_id: str, model: nn.Module) -> float:
     """Seconds ``model`` takes per input pixel here: timed once (one call on a random
-    TIMING_SIDE² input, after a warm-up call) and remembered per model. A small input pays a
-    larger share of fixed costs than the tab's 256-pixel tiles, so the estimate errs on the
-    slow side (unet-sr-x4: 238 s estimated from 96-pixel calls for a 1000×1000 photo that took
-    116 s, on a CPU shared with a training run)."""
+    TIMING_SIDE² input, after a warm-up call) and remembered per model."""
     key = (model_id, isinstance(model, R.SelfEnsemble))
     with _timing_lock:
         if key not in _seconds_per_pixel:
@@ -99,7 +100,7 @@ def check_job_size(model_id: str, model: nn.Module, height: int, width: int, sca
             f"above this app's {max_output_pixels() / 1e6:.0f} MP memory limit "
             f"(DENSE_RESTORE_MAX_PIXELS). Use a smaller photo, or the command line, tiled and "
             f"without a limit: {command}")
-    seconds = seconds_per_input_pixel(model_id, model) * height * width
+    seconds = seconds_per_input_pixel(model_id, model) * height * width * TILING_OVERHEAD
     if seconds > max_seconds():
         raise gr.Error(
             f"{model_id} would take about {seconds:.0f} s for this {width}×{height} photo on "
