@@ -122,6 +122,7 @@ class SlowUpscaler(nn.Module):
 
 def test_the_limit_follows_the_measured_speed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tab, "_seconds_per_pixel", {})
+    monkeypatch.setattr(tab, "_timing_locks", {})
     slow = SlowUpscaler(2e-5)  # 128² input → 0.33 s; 1 MP → about 20 s
     measured = tab.seconds_per_input_pixel("slow", slow)
     assert 1.5e-5 < measured < 4e-5
@@ -156,3 +157,19 @@ def test_preview_bounds_the_slider_and_says_so() -> None:
     assert small.shape[0] * small.shape[1] <= tab.PREVIEW_PIXELS
     assert abs(small.shape[1] / small.shape[0] - 4 / 3) < 0.01
     assert tab.preview(photo()) is not None and tab.preview(photo()).shape == photo().shape
+
+
+def test_wiener_reference_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tab, "WIENER_MAX_PIXELS", 1000)
+    result = tab.restore_image(str(EXAMPLES / "coffee.png"), "Deblur", "identity", True)
+    assert "reference" not in result.metrics
+    assert any("Wiener reference is left out" in n for n in result.notes)
+    with pytest.raises(gr.Error, match="Wiener reference runs on photos up to"):
+        tab.compare_models(str(EXAMPLES / "coffee.png"), "Deblur", "identity", tab.WIENER, True)
+
+
+def test_task_switch_shows_the_blur_controls_only_for_deblurring() -> None:
+    *_, blur, strength, kernel = tab.update_models("Deblur")
+    assert blur.visible and strength.visible and kernel.visible
+    *_, blur, strength, kernel = tab.update_models("Super-resolution ×4")
+    assert not (blur.visible or strength.visible or kernel.visible)

@@ -68,15 +68,21 @@ TIMING_SIDE = 128  # input side of the timed call per model
 # assembled and converted. unet-sr-x4 on a 1000×1000 photo took 33.8 s where 128-pixel calls
 # predicted 23.6 s (1.43×; 2-core AMD EPYC Zen 4, 2 threads, nothing else running).
 TILING_OVERHEAD = 1.5
-_seconds_per_pixel: dict[tuple[str, bool], float] = {}
-_timing_lock = threading.Lock()
+_seconds_per_pixel: dict[tuple[str, int, bool], float] = {}
+_timing_locks: dict[tuple[str, int, bool], threading.Lock] = {}
+_timing_locks_lock = threading.Lock()
 
 
 def seconds_per_input_pixel(model_id: str, model: nn.Module) -> float:
     """Seconds ``model`` takes per input pixel here: timed once (one call on a random
-    TIMING_SIDE² input, after a warm-up call) and remembered per model."""
-    key = (model_id, isinstance(model, R.SelfEnsemble))
-    with _timing_lock:
+    TIMING_SIDE² input, after a warm-up call) and remembered per model. One lock per model, so
+    that timing a slow model for one user does not hold up the others."""
+    key = (model_id, R.model_scale(model), isinstance(model, R.SelfEnsemble))
+    if key in _seconds_per_pixel:
+        return _seconds_per_pixel[key]
+    with _timing_locks_lock:
+        lock = _timing_locks.setdefault(key, threading.Lock())
+    with lock:
         if key not in _seconds_per_pixel:
             x = np.random.default_rng(0).integers(0, 256, (TIMING_SIDE, TIMING_SIDE, 3),
                                                   dtype=np.uint8)
@@ -111,6 +117,9 @@ def check_job_size(model_id: str, model: nn.Module, height: int, width: int, sca
 
 
 PREVIEW_PIXELS = 4 * 2**20  # the slider shows at most this much; the download is full size
+# The Wiener reference works on the photo mirrored to 2H×2W in float64 FFTs: about 0.5 s and
+# 0.5 GB for 4 MP; above that it is left out (the table says so) or, side by side, refused.
+WIENER_MAX_PIXELS = 4 * 2**20
 
 
 def preview(image: np.ndarray, pixels: int = PREVIEW_PIXELS) -> np.ndarray:
@@ -320,9 +329,12 @@ def restore_image(image: Any, label: str, model_id: str, degrade_first: bool,
     if prepared.original is not None:
         metrics = {"input": scores(before, prepared.original, prepared.border),
                    "output": scores(after, prepared.original, prepared.border)}
-        if prepared.kernel is not None:
+        if prepared.kernel is not None and prepared.degraded[..., 0].size <= WIENER_MAX_PIXELS:
             reference = wiener_deblur(prepared.degraded, prepared.kernel)
             metrics["reference"] = scores(reference, prepared.original, prepared.border)
+        elif prepared.kernel is not None:
+            prepared.notes.append(f"The Wiener reference is left out above "
+                                  f"{WIENER_MAX_PIXELS / 2**20:.0f} MP.")
     return Restored(before, after, metrics, common.save_output(after, f"{model_id}-x{scale}"),
                     prepared.notes)
 
@@ -374,6 +386,9 @@ def compare_models(image: Any, label: str, model_a: str, model_b: str, degrade_f
             if prepared.kernel is None:
                 raise gr.Error("Wiener deconvolution needs the blur kernel: tick 'Degrade "
                                "first' (the app then knows which blur it applied).")
+            if prepared.degraded[..., 0].size > WIENER_MAX_PIXELS:
+                raise gr.Error(f"The Wiener reference runs on photos up to "
+                               f"{WIENER_MAX_PIXELS / 2**20:.0f} MP here; use a smaller photo.")
             out = wiener_deblur(prepared.degraded, prepared.kernel)
         else:
             model = get_restorer(model_id, label, self_ensemble)
@@ -402,7 +417,7 @@ def update_models(label: str) -> tuple:
     deblur = TASKS[label][0] == "deblur"
     return (gr.Dropdown(choices=models, value=models[0]),
             gr.Dropdown(choices=pair_choices, value=a), gr.Dropdown(choices=pair_choices, value=b),
-            gr.Radio(visible=deblur), gr.Slider(visible=deblur))
+            gr.Radio(visible=deblur), gr.Slider(visible=deblur), gr.Image(visible=deblur))
 
 
 def build() -> None:
@@ -442,7 +457,7 @@ def build() -> None:
             with gr.Row():
                 metrics = gr.Markdown()
                 kernel = gr.Image(label="Blur kernel applied", width=160, height=160,
-                                  interactive=False, buttons=[])
+                                  interactive=False, buttons=[], visible=False)
             download = gr.File(label="Restored, full resolution (PNG)")
     gr.Markdown("### Two models side by side")
     with gr.Row():
@@ -452,7 +467,7 @@ def build() -> None:
     compare_slider = gr.ImageSlider(label="Left model | right model", format="png",
                                     interactive=False)
     compare_metrics = gr.Markdown()
-    task.change(update_models, task, [model, model_a, model_b, blur, strength])
+    task.change(update_models, task, [model, model_a, model_b, blur, strength, kernel])
     for control in (task, degrade, blur, strength):
         control.change(kernel_view, [task, degrade, blur, strength], kernel,
                        api_visibility="private", show_progress="hidden")
