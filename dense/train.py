@@ -309,6 +309,9 @@ def train_loop(
             if i >= steps_per_epoch:
                 break
             records.append(step(item))
+        if not records:
+            raise ValueError(f"epoch {epoch} had no training batch: the training set is smaller "
+                             "than one batch, or steps_per_epoch is 0")
         for module in modules:
             module.eval()
         # Every rank saw a share of the epoch: the means over all of them.

@@ -277,3 +277,14 @@ def test_without_torchrun_the_distributed_helpers_change_nothing(monkeypatch) ->
     assert train.broadcast_stop(True) is True and train.broadcast_value(2.5) == 2.5
     assert train.mean_over_ranks(3.0) == 3.0
     assert train.shard_seed(7) == 7 and train.shard_sampler([1, 2, 3]) is None
+
+
+def test_an_epoch_without_batches_is_an_error_that_says_so(tmp_path) -> None:
+    from torch import nn
+
+    from dense.train import fit
+
+    model = nn.Conv2d(3, 3, 1)
+    with pytest.raises(ValueError, match="no training batch"):
+        fit(model, lambda: iter([]), nn.functional.mse_loss, lambda m: {"psnr": 0.0},
+            tmp_path / "run", epochs=1, steps_per_epoch=0, lr=1e-3, monitor="psnr")

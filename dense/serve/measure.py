@@ -187,11 +187,13 @@ def _version(package: str) -> str:
 def choice_key(config: dict, size: tuple[int, int], device: torch.device | str,
                threads: int) -> str:
     """A model's key within its machine's entry: id, weights checksum, the input size timed,
-    device, threads, and the versions of the runtimes (a new runtime may change the winner)."""
+    device, threads, onnxruntime's spinning setting, and the versions of the runtimes (a new
+    runtime, or spinning threads, may change the winner)."""
     digest = config.get("sha256", {}).get(zoo.WEIGHTS_FILE, "unversioned")[:16]
     versions = " ".join(f"{p}={_version(p)}" for p in ("torch", "onnxruntime", "openvino"))
+    spinning = os.environ.get("DENSE_ORT_SPINNING", "0")
     return (f"{config.get('id', 'model')}@{digest} {size[0]}x{size[1]} {device} "
-            f"threads={threads} {versions}")
+            f"threads={threads} spinning={spinning} {versions}")
 
 
 @contextlib.contextmanager
