@@ -250,6 +250,12 @@ def test_live_codec_round_trip_is_timed(monkeypatch: pytest.MonkeyPatch) -> None
     bad = ImageData(url="data:image/jpeg;base64,bm90IGFuIGltYWdl", path=None)
     with pytest.raises(gr.Error):
         ui._webcam_preprocess(webcam, bad)
+    # A header Pillow reads over data OpenCV cannot decode: the same message, not a crash.
+    whole = base64.b64decode(payload.url.split(",", 1)[1])
+    cut = ImageData(url="data:image/jpeg;base64,"
+                    + base64.b64encode(whole[:200]).decode("ascii"), path=None)
+    with pytest.raises(gr.Error, match="not a readable image"):
+        ui._webcam_preprocess(webcam, cut)
     monkeypatch.setenv("DENSE_MAX_PIXELS", str(640 * 480 - 1))  # refused before decoding
     with pytest.raises(gr.Error, match="pixel limit"):
         ui._webcam_preprocess(webcam, payload)

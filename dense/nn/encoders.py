@@ -220,7 +220,21 @@ def gated_stage(cin: int, cout: int, blocks: int = 2) -> nn.Sequential:
     return nn.Sequential(*layers, *(GatedBlock(cout) for _ in range(blocks)))
 
 
-class GatedEncoder(nn.Module):
+class LevelEncoder(nn.Module):
+    """An encoder made of ``levels`` run in turn, each level's output one of the features (the
+    plain and gated encoders differ only in what a level is)."""
+
+    levels: nn.ModuleList
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for level in self.levels:
+            x = level(x)
+            features.append(x)
+        return features
+
+
+class GatedEncoder(LevelEncoder):
     """A 3×3 conv to the first width, then per level a strided 2×2 conv (learned downsampling,
     which keeps what max-pooling throws away) and ``blocks`` gated blocks."""
 
@@ -241,15 +255,8 @@ class GatedEncoder(nn.Module):
         """The decoder's block after each skip concatenation: the same gated blocks."""
         return gated_stage(cin, cout, self.blocks)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = []
-        for level in self.levels:
-            x = level(x)
-            features.append(x)
-        return features
 
-
-class PlainEncoder(nn.Module):
+class PlainEncoder(LevelEncoder):
     """The original U-Net's contracting path: conv block, then (max-pool, conv block) per level."""
 
     def __init__(self, channels: tuple[int, ...] = (32, 64, 128, 256, 512),
@@ -262,13 +269,6 @@ class PlainEncoder(nn.Module):
             + [nn.Sequential(nn.MaxPool2d(2), conv_block(a, b, norm))
                for a, b in zip(channels, channels[1:], strict=False)]
         )
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = []
-        for level in self.levels:
-            x = level(x)
-            features.append(x)
-        return features
 
 
 ENCODERS = ("efficientnet-lite0", "plain", "gated")

@@ -351,6 +351,8 @@ def _webcam_preprocess(self: gr.Image, payload: Any) -> np.ndarray | None:
         if width * height > pixel_limit():
             raise gr.Error(f"The webcam frame is {width}×{height}, above the pixel limit.")
         rgb = _imdecode_rgb(data)
+        if rgb is None:  # a header Pillow reads over data OpenCV cannot decode (truncated)
+            raise gr.Error("The webcam frame received is not a readable image.")
     if rgb is None:
         rgb = gr.Image.preprocess(self, payload)
         if rgb is None:

@@ -362,12 +362,11 @@ def restore_event(image: Any, label: str, model_id: str, degrade_first: bool,
             result.metrics.get("reference")}
     rows = {k: v for k, v in rows.items() if v}
     notes = list(result.notes)
-    if preview(result.after).shape != result.after.shape:
-        h, w = preview(result.after).shape[:2]
-        notes.append(f"The slider shows a {w}×{h} preview; the download is full size "
-                     f"({result.after.shape[1]}×{result.after.shape[0]}).")
-    return ((preview(result.before), preview(result.after[..., :3])),
-            metrics_markdown(rows, notes), result.download)
+    shown = preview(result.after[..., :3])
+    if shown.shape[:2] != result.after.shape[:2]:
+        notes.append(f"The slider shows a {shown.shape[1]}×{shown.shape[0]} preview; the "
+                     f"download is full size ({result.after.shape[1]}×{result.after.shape[0]}).")
+    return (preview(result.before), shown), metrics_markdown(rows, notes), result.download
 
 
 WIENER = "wiener (knows the kernel)"  # the non-blind reference in the side-by-side view

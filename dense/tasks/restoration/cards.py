@@ -65,7 +65,8 @@ def _card(config: RestorationConfig, metrics: dict) -> str:
            "fp32)." if train.amp == "bf16" else "")
     sections = {
         "Task": f"{task}.",
-        "Architecture": f"`dense.nn.unet.UNet` ({json.dumps(config.model)}): a plain encoder, "
+        "Architecture": f"`dense.nn.unet.UNet` ({json.dumps(config.model)}): a "
+                        f"{config.model.get('encoder', 'plain')} encoder, "
                         "skip connections concatenated, the decoder's output added to the "
                         f"{'bicubic-upsampled' if scale > 1 else 'degraded'} input (the "
                         "network learns what is missing).",
