@@ -17,16 +17,23 @@ import torch
 
 from dense import serve, zoo
 from dense.data import package_cache
-from dense.hardware import cpu_model
+from dense.hardware import cpu_model, isa_caps
 from dense.serve.backends import EXPORT_BACKENDS, export_runtime, runtime_available, served_size
 from dense.serve.devices import capture_cuda_graph, inference, model_device, pick_device
 from dense.serve.measure import time_round_robin  # shared with the measured backend choice
 
+# The CPU flags that decide which kernels the runtimes pick, shown beside every figure.
+KEY_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
 
 def machine() -> dict:
-    """What the numbers were measured on."""
+    """What the numbers were measured on: the CPU, its key flags and any instruction-set cap
+    in force (dense.hardware.ISA_CAPS)."""
+    name, flags = cpu_model()
     return {
-        "cpu": cpu_model()[0],
+        "cpu": name,
+        "flags": [f for f in KEY_FLAGS if f in flags.split()],
+        **({"isa_caps": isa_caps()} if isa_caps() else {}),
         "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,

@@ -56,3 +56,23 @@ def cpu_model() -> tuple[str, str]:
     name = _cpuinfo_field("model name", text) or name
     flags = " ".join(sorted(set((_cpuinfo_field("flags", text) or "").split())))
     return name, flags
+
+
+# Environment variables that cap the instruction sets the libraries use below what the CPU
+# has: oneDNN's (PyTorch's convolutions and all of OpenVINO's CPU kernels read it) and ATen's
+# own vector kernels. ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` runs our side as on
+# a CPU without AVX-512 (onnxruntime, LiteRT and ncnn have no such switch: they keep theirs).
+ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def isa_caps() -> dict[str, str]:
+    """The instruction-set caps set in the environment (see ISA_CAPS), by variable."""
+    return {k: v for k in ISA_CAPS if (v := os.environ.get(k, "").strip())}
+
+
+def onednn_bf16_allowed() -> bool:
+    """Whether oneDNN may use the CPU's native bf16 instructions: no cap, or a cap that keeps
+    AVX-512 with bf16 (or AMX). OpenVINO reports bf16 from the CPU's flags, cap or not."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "")
+    cap = cap.strip().upper()
+    return not cap or cap in ("ALL", "DEFAULT") or "BF16" in cap or "AMX" in cap

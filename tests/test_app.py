@@ -111,3 +111,16 @@ def test_warm_up_loads_the_live_models_and_survives_a_broken_one(caplog) -> None
     common.warm_up(("selfie-seg", "no-such-model"))
     assert any(key[0] == "selfie-seg" for key in served._cache)
     assert "warm-up of no-such-model failed" in caplog.text
+
+
+def test_the_warm_up_list_names_bundled_models_with_the_tabs_defaults_in_it() -> None:
+    """A misspelt id there would only log a warning at start-up: the defaults would then be
+    loaded (and their backends measured) at the first request instead, under its load."""
+    from dense import zoo
+    from dense.tasks import group_pose
+    from dense.ui import common
+
+    assert set(common.WARM_MODELS) <= {m.id for m in zoo.list_models()}
+    assert common.WARM_MODELS[0] == group_pose.DEFAULT_LIVE  # the webcam's default first
+    assert group_pose.DEFAULT_PHOTO == "yolox-tinypose"  # made of the two below
+    assert {"yolox-nano", "tinypose-256x192"} <= set(common.WARM_MODELS)

@@ -65,9 +65,12 @@ def bench(monkeypatch, tmp_path: Path) -> Callable[..., Bench]:
     monkeypatch.setenv("DENSE_PACKAGE_CACHE", str(tmp_path))
     monkeypatch.setenv("DENSE_BACKEND_MEASURE", "1")
     monkeypatch.delenv("DENSE_BACKEND", raising=False)
+    for cap in hardware.ISA_CAPS:
+        monkeypatch.delenv(cap, raising=False)
     monkeypatch.setattr(hardware, "cpu_model", lambda: CPU)
     monkeypatch.setattr(backends, "runtime_available", lambda r: r != "openvino_bf16")
     monkeypatch.setattr(measure, "sleep", lambda s: None)
+    monkeypatch.setattr(measure, "cpu_sample", lambda: None)  # an idle host (see the busy test)
 
     def make(cost_ms: dict[str, float], refuse: tuple[str, ...] = ()) -> Bench:
         fake = Bench(cost_ms, refuse)
@@ -127,6 +130,32 @@ def test_other_weights_or_another_cpu_flag_measure_again(bench, monkeypatch) -> 
                                                                       False)
     assert fake.calls
     assert len(cached_choices()) == 2  # both machines kept
+
+
+def test_an_instruction_set_cap_is_another_machine(bench, monkeypatch) -> None:
+    bench({"openvino": 3.0, "onnxruntime": 1.0, "channels_last": 5.0})
+    serve_model(Tiny(), "cpu")
+    # The same CPU with oneDNN capped to AVX2 (OpenVINO and PyTorch then run AVX2 kernels):
+    # the uncapped winner is not reused; the cap is in the key and beside the flags.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    fake = bench({"openvino": 1.0, "onnxruntime": 3.0, "channels_last": 5.0})
+    model = serve_model(Tiny(), "cpu")
+    assert (model.backend, model.choice.cached) == ("openvino", False)
+    assert fake.calls
+    capped = [m for k, m in cached_choices().items() if k.endswith("| ONEDNN_MAX_CPU_ISA=AVX2")]
+    assert [m["caps"] for m in capped] == [{"ONEDNN_MAX_CPU_ISA": "AVX2"}]
+
+
+@pytest.mark.parametrize(("cap", "allowed"), [
+    (None, True), ("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
+    ("AVX512_CORE_AMX", True)])
+def test_bf16_is_not_native_under_a_cap_without_it(monkeypatch, cap, allowed) -> None:
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert hardware.onednn_bf16_allowed() is allowed
 
 
 def test_dense_backend_forces_and_nothing_is_timed(bench, monkeypatch) -> None:
@@ -223,6 +252,7 @@ def test_a_real_measurement_serves_equal_to_pytorch(monkeypatch, tmp_path: Path)
     monkeypatch.setenv("DENSE_BACKEND_MEASURE", "1")
     monkeypatch.delenv("DENSE_BACKEND", raising=False)
     monkeypatch.setattr(measure, "cache_path", lambda: tmp_path / "backends.json")
+    monkeypatch.setattr(measure, "cpu_sample", lambda: None)  # cached even on a busy CI host
     model = serve_model(zoo.load("selfie-seg", "cpu"), "cpu")
     assert model.choice.how == "measured" and model.backend in model.choice.median_ms
     assert set(model.choice.median_ms) | set(model.choice.failed) == set(
@@ -271,3 +301,45 @@ def test_a_broken_cache_file_is_measured_over(bench) -> None:
     bench({"openvino": 3.0, "onnxruntime": 1.0, "channels_last": 5.0})
     assert serve_model(Tiny(), "cpu").choice.how == "measured"
     assert len(cached_choices()) == 1
+
+
+def test_a_measurement_on_a_busy_host_serves_but_is_not_cached(bench, monkeypatch) -> None:
+    """Other processes kept half of the cores busy while the candidates were timed (a browser
+    on the same cores): the winner serves this load, the next load measures again."""
+    samples = iter([(0.0, 100.0, 1.0), (2.0, 103.0, 1.0)])  # 3 CPU s of others in 2 s × cores
+    monkeypatch.setattr(measure, "cpu_sample", lambda: next(samples))
+    monkeypatch.setattr(measure.os, "cpu_count", lambda: 2)
+    fake = bench({"openvino": 3.0, "onnxruntime": 1.0, "channels_last": 5.0})
+    model = serve_model(Tiny(), "cpu")
+    assert (model.backend, model.choice.how) == ("onnxruntime", "measured")
+    assert "other processes used 75% of the CPU" in model.choice.note
+    assert not measure.cache_path().exists() or not cached_choices()
+    monkeypatch.setattr(measure, "cpu_sample", lambda: None)  # idle now
+    fake.calls.clear()
+    again = serve_model(Tiny(), "cpu")
+    assert (again.choice.cached, bool(fake.calls)) == (False, True)
+    assert serve_model(Tiny(), "cpu").choice.cached
+
+
+def test_others_share_counts_only_other_processes(monkeypatch) -> None:
+    monkeypatch.setattr(measure.os, "cpu_count", lambda: 2)
+    # 1 s of wall time on 2 cores: 1.5 CPU s busy in all, 1.0 of them ours → 25% others
+    assert measure.others_share((10.0, 50.0, 3.0), (11.0, 51.5, 4.0)) == pytest.approx(0.25)
+    assert measure.others_share((10.0, 50.0, 3.0), (11.0, 50.5, 4.0)) == 0.0  # never negative
+    assert measure.others_share(None, (11.0, 51.5, 4.0)) == 0.0
+    sample = measure.cpu_sample()
+    if sample is not None:  # Linux: a real reading
+        assert sample[1] > 0 and sample[2] > 0
+
+
+def test_a_stuck_lock_holder_does_not_stall_a_load(bench, monkeypatch) -> None:
+    fcntl = pytest.importorskip("fcntl")
+    monkeypatch.setattr(measure, "LOCK_WAIT_S", 0.2)
+    bench({"openvino": 3.0, "onnxruntime": 1.0, "channels_last": 5.0})
+    lock = measure.cache_path().with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as held:  # another process's lock, never released meanwhile
+        fcntl.flock(held, fcntl.LOCK_EX)
+        # flock locks belong to the open file: a second open in this process contends too
+        model = serve_model(Tiny(), "cpu")
+    assert (model.backend, model.choice.how) == ("onnxruntime", "measured")

@@ -26,6 +26,7 @@ import os
 import torch
 from torch import nn
 
+from dense import hardware
 from dense.serve.export import dynamic_export, served_size
 
 __all__ = ["BACKENDS", "EXPORT_BACKENDS", "EXPORT_RUNTIMES", "cpu_candidates", "export_runtime",
@@ -75,10 +76,12 @@ def runtime_available(runtime: str) -> bool:
 
 @functools.cache
 def openvino_native_bf16() -> bool:
-    """Whether OpenVINO reports native bf16 on this CPU."""
+    """Whether OpenVINO reports native bf16 on this CPU and no instruction-set cap forbids
+    it (dense.hardware.ISA_CAPS)."""
     import openvino as ov
 
-    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return hardware.onednn_bf16_allowed() and "BF16" in ov.Core().get_property(
+        "CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def export_runtimes(config: dict) -> list[str]:

@@ -31,6 +31,7 @@ The cache (``package_cache()/backends.json``)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import importlib.metadata
@@ -75,6 +76,16 @@ WARMUP_BELOW_MS = 20.0
 # A candidate later in the rule's order must beat the earlier one by more than this to win:
 # within it, two runtimes are a tie on a shared host, and the rule's order was measured too.
 TIE = 0.03
+# A measurement during which other processes kept more than this share of the CPU busy (a
+# browser drawing the page on the same cores, a training run) serves this process but is not
+# cached, so the next start measures again: under contention the winner is the runtime that
+# suffers least from it, not the fastest (seen: onnxruntime picked for blazepose-full and
+# movenet-multipose at the first live frame with headless Chromium on both cores, where
+# OpenVINO wins on idle cores by 1.2-2×).
+BUSY_SHARE = 0.25
+# How long a process waits for another one's measurement (the cache's file lock) before it
+# measures unlocked: a process stuck while holding the lock must not stall every load.
+LOCK_WAIT_S = 120.0
 
 # What the measurement reads the time with and pauses with (tests put a fake clock here).
 clock: Callable[[], float] = time.perf_counter
@@ -171,10 +182,14 @@ def cache_path() -> Path:
 def machine_key() -> tuple[str, dict[str, str]]:
     """This CPU's key in the cache and what it stands for: the model name and a digest of the
     sorted flags (the full flags are kept beside it; two VMs with one CPU name may differ in
-    AVX-512 or AMX, and those decide the winner)."""
+    AVX-512 or AMX, and those decide the winner), and the instruction-set caps in force
+    (dense.hardware.isa_caps: a run capped to AVX2 is another machine)."""
     name, flags = hardware.cpu_model()
     digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
-    return f"{name} | flags sha256:{digest}", {"cpu": name, "flags": flags}
+    caps = hardware.isa_caps()
+    capped = "".join(f" | {k}={v}" for k, v in caps.items())
+    return (f"{name} | flags sha256:{digest}{capped}",
+            {"cpu": name, "flags": flags, **({"caps": caps} if caps else {})})
 
 
 def _version(package: str) -> str:
@@ -211,7 +226,17 @@ def _file_lock() -> Iterator[None]:
         yield
         return
     try:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("%s still locked after %.0f s: measuring without the lock",
+                                path, LOCK_WAIT_S)
+                    break
+                time.sleep(0.05)
         yield
     finally:
         f.close()  # closing releases the lock
@@ -299,7 +324,15 @@ def measure_backend(model: nn.Module, device: torch.device, rule: str
         entry = machine_choices().get(key)  # another process may have measured meanwhile
         if entry and entry.get("backend") in candidates:
             return _choice(entry, cached=True), None
+        before = cpu_sample()
         choice, run = _measure(model, candidates, size, threads)
+        others = others_share(before, cpu_sample())
+        if others > BUSY_SHARE:
+            choice = dataclasses.replace(choice, note=(
+                f"{choice.note}; " if choice.note else "") + f"other processes used "
+                f"{others:.0%} of the CPU meanwhile: not cached, measured again next start")
+            log.info("backend for %s: %s", config.get("id", "model"), choice.describe())
+            return choice, run
         _write_entry(key, {
             "model": config.get("id", "model"), "backend": choice.backend, "how": choice.how,
             "median_ms": choice.median_ms, "failed": choice.failed, "note": choice.note,
@@ -368,6 +401,31 @@ def _measure(model: nn.Module, candidates: list[str], size: tuple[int, int], thr
     best = min(medians.values())
     winner = next(b for b in runners if medians[b] <= best * (1 + TIE))
     return Choice(winner, "measured", medians, failed, runs=runs), _export_run(runners, winner)
+
+
+def cpu_sample() -> tuple[float, float, float] | None:
+    """(monotonic seconds, CPU seconds all processes have kept the cores busy since boot, CPU
+    seconds of this process), from /proc/stat and os.times; None where there is no /proc."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy (steal:
+    # a VM's host took the core); guest time is already inside user.
+    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)
+    own = os.times()
+    return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def others_share(before: tuple[float, float, float] | None,
+                 after: tuple[float, float, float] | None) -> float:
+    """The share of all cores that other processes kept busy between two :func:`cpu_sample`
+    readings (0 where either is missing)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return 0.0
+    others = (after[1] - before[1]) - (after[2] - before[2])
+    return max(0.0, others / ((after[0] - before[0]) * (os.cpu_count() or 1)))
 
 
 def _time_once(run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:

@@ -63,9 +63,11 @@ def get_model(name: str) -> nn.Module:
 
 # Loaded in the background when the app starts, so that the first webcam frames and the first
 # segmentation do not wait for a load (on CPU the served models are also exported to ONNX once
-# per machine: ~2 s for each MediaPipe graph, ~9 s for unet-camvid).
-WARM_MODELS = ("blazepose-detector", "blazepose-lite", "blazepose-full", "everyday",
-               "selfie-seg", "unet-camvid")
+# per machine: ~2 s for each MediaPipe graph, ~9 s for unet-camvid), and so that their backends
+# are measured (dense.serve.measure) while no browser is drawing on the same cores: the live
+# models first (the webcam's default, then BlazePose), then the photo tabs' defaults.
+WARM_MODELS = ("movenet-multipose", "blazepose-detector", "blazepose-lite", "blazepose-full",
+               "everyday", "yolox-nano", "tinypose-256x192", "selfie-seg", "unet-camvid")
 
 
 def warm_up(names: tuple[str, ...] = WARM_MODELS) -> None:
