@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dense.data import REPO_ROOT
-from dense.ports.yolox import YOLOX
+from dense.ports.yolox import YOLOX, Focus
 
 EXAMPLES = REPO_ROOT / "examples"
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "yolox"
@@ -96,11 +96,16 @@ def onnx_convs(path: Path) -> list[dict[str, Any]]:
 
 
 def convs_in_call_order(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
-    """The model's convs in the order its forward calls them (recorded with hooks)."""
+    """The model's convs in the order its forward calls them (recorded with hooks). The stem's
+    conv is not called as a module (:class:`dense.ports.yolox.Focus` runs its weights as one
+    strided conv): it is recorded when the stem runs."""
     called: list[str] = []
     modules = dict(model.named_modules())
     hooks = [module.register_forward_hook(lambda *_, name=name: called.append(name))
              for name, module in modules.items() if isinstance(module, nn.Conv2d)]
+    hooks += [module.register_forward_pre_hook(
+        lambda *_, name=name: called.append(f"{name}.conv.conv"))
+        for name, module in modules.items() if isinstance(module, Focus)]
     try:
         with torch.inference_mode():
             model(torch.zeros(1, 3, 64, 64))

@@ -137,7 +137,7 @@ def check_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = None
 
 # Bump when export_onnx changes what it writes: cached exports (and remembered failures) made
 # by an older exporter are then not reused.
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3  # 3: YOLOX's stem as one strided conv
 
 
 def onnx_cache_path(model: nn.Module, size: tuple[int, int] | None = None) -> Path:

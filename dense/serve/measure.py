@@ -52,7 +52,7 @@ from torch import nn
 from dense import hardware, zoo
 from dense.data import package_cache
 from dense.serve.backends import EXPORT_BACKENDS, cpu_candidates
-from dense.serve.export import export_forward, served_size
+from dense.serve.export import EXPORT_VERSION, export_forward, served_size
 
 __all__ = ["CAP_MS", "Choice", "cache_path", "choice_key", "machine_key", "measure_backend",
            "measuring", "time_round_robin"]
@@ -202,13 +202,13 @@ def _version(package: str) -> str:
 def choice_key(config: dict, size: tuple[int, int], device: torch.device | str,
                threads: int) -> str:
     """A model's key within its machine's entry: id, weights checksum, the input size timed,
-    device, threads, onnxruntime's spinning setting, and the versions of the runtimes (a new
-    runtime, or spinning threads, may change the winner)."""
+    device, threads, onnxruntime's spinning setting, the exporter's version and the versions of
+    the runtimes (a new runtime or export, or spinning threads, may change the winner)."""
     digest = config.get("sha256", {}).get(zoo.WEIGHTS_FILE, "unversioned")[:16]
     versions = " ".join(f"{p}={_version(p)}" for p in ("torch", "onnxruntime", "openvino"))
     spinning = os.environ.get("DENSE_ORT_SPINNING", "0")
     return (f"{config.get('id', 'model')}@{digest} {size[0]}x{size[1]} {device} "
-            f"threads={threads} spinning={spinning} {versions}")
+            f"threads={threads} spinning={spinning} export=v{EXPORT_VERSION} {versions}")
 
 
 @contextlib.contextmanager
