@@ -103,8 +103,12 @@ def test_without_openvino_onnxruntime_serves_only_what_it_was_measured_faster_on
     assert devices.export_runtime(config) == "onnxruntime"
     port = zoo.load("realesrgan-x4plus", "cpu").config
     assert devices.export_runtime(port) is None  # onnxruntime was slower than PyTorch there
+    # Our restoration U-Nets at their full tile: onnxruntime beat PyTorch there too
+    # (unet-sr-x2 at 288²: 1.24 s against 1.69 s channels_last).
     unet = zoo.load("unet-sr-x4", "cpu").config
-    assert devices.export_runtime(unet) is None  # no fixed size, and a U-Net's export is not
+    assert devices.export_runtime(unet) == "onnxruntime"
+    lab = zoo.load("lab-x4-nearest", "cpu").config
+    assert devices.export_runtime(lab) is None  # no served size, and a U-Net's export is not
 
 
 def test_openvino_serves_an_sr_port_at_any_size_equal_to_pytorch() -> None:
@@ -139,6 +143,30 @@ def test_sr_ports_are_served_in_bf16_within_45_db_of_fp32_on_a_real_photo(model_
     assert psnr > 45, f"{model_id}: bf16 output {psnr:.1f} dB from fp32"  # measured 49-57 dB
 
 
+@pytest.mark.parametrize("model_id", ["unet-sr-x2", "unet-deblur"])
+def test_restoration_unets_are_served_at_the_full_tile_within_45_db_of_fp32(model_id: str
+                                                                            ) -> None:
+    """A photo's tiles go through the export (bf16 where native: measured 54-63 dB from fp32
+    on 7 photos); another size runs channels_last PyTorch (fp32: equal to float rounding)."""
+    from dense.images import read_image
+    from dense.tasks import restoration as R
+
+    pytest.importorskip("openvino")
+    served = load_served(model_id, device="cpu")
+    eager = load_served(model_id, device="cpu", backend="eager")
+    assert served.config["input"]["served_size"] == [R.TILE_INPUT, R.TILE_INPUT]
+    assert served.backend in ("openvino_bf16", "openvino")
+    photo = read_image(Path(__file__).parents[1] / "examples" / "astronaut.png").rgb
+    x = torch.from_numpy(photo[50:50 + R.TILE_INPUT, 100:100 + R.TILE_INPUT]).permute(
+        2, 0, 1)[None].float() / 255
+    with torch.inference_mode():
+        got, want = (torch.round(m(x).clamp(0, 1) * 255) for m in (served, eager))
+        small = x[..., :64, :80]
+        assert float((served(small) - eager(small)).abs().max()) < 1e-4
+    psnr = 10 * torch.log10(255**2 / ((got - want) ** 2).mean().clamp_min(1e-10))
+    assert psnr > 45, f"{model_id}: served output {psnr:.1f} dB from PyTorch's"
+
+
 def test_openvino_serves_requests_from_several_threads_at_once() -> None:
     pytest.importorskip("openvino")
     from concurrent.futures import ThreadPoolExecutor
@@ -159,7 +187,11 @@ def test_backend_choice_can_be_forced_and_other_models_run_channels_last(monkeyp
     bf16 = runtime_available("openvino_bf16")  # SRVGG: only OpenVINO in bf16 beat PyTorch
     assert load_served("realesr-animevideov3", device="cpu").backend == (
         "openvino_bf16" if bf16 else "channels_last")
-    assert load_served("unet-sr-x2", device="cpu").backend == "channels_last"  # no fixed size
+    # Our restoration U-Nets are served at restore()'s full tile, in bf16 where the CPU has it.
+    assert load_served("unet-deblur", device="cpu").backend == (
+        "openvino_bf16" if bf16 else "openvino")
+    # unet-camvid is served at its trained size in fp32 (bf16 is not offered for segmentation).
+    assert load_served("unet-camvid", device="cpu").backend == "openvino"
     monkeypatch.setenv("DENSE_BACKEND", "eager")
     assert load_served("selfie-seg", device="cpu").backend == "eager"
     monkeypatch.setenv("DENSE_BACKEND", "tensorrt")
@@ -245,7 +277,8 @@ def test_cuda_serves_fixed_size_models_through_cuda_graphs() -> None:
 
     cuda = torch.device("cuda")  # the choice reads the device type only: no GPU needed
     assert pick_backend(zoo.load("blazepose-full", "cpu"), cuda) == "cuda_graph"
-    assert pick_backend(zoo.load("unet-sr-x4", "cpu"), cuda) == "channels_last"
+    assert pick_backend(zoo.load("unet-sr-x4", "cpu"), cuda) == "cuda_graph"  # its full tile
+    assert pick_backend(zoo.load("realesrgan-x4plus", "cpu"), cuda) == "channels_last"
     assert pick_backend(zoo.load("selfie-seg", "cpu"), cuda,
                         "eager") == "eager"
     # Forced on a CPU, the CUDA-only backend means the CPU's PyTorch path.

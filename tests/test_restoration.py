@@ -204,6 +204,31 @@ def test_tiled_equals_untiled(model_id: str) -> None:
     assert (tiled - whole).abs().max().item() < 1e-4
 
 
+class RecordingUpscaler(nn.Module):
+    """Nearest ×2 (each output pixel depends on one input pixel) that records its inputs' sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(tuple(x.shape[-2:]))
+        return nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def test_every_tile_of_a_large_photo_is_a_full_one() -> None:
+    """Cores at the photo's edges take their context from the inside, so that the one export
+    served at the full tile (R.TILE_INPUT) runs every tile; the result is the untiled one."""
+    x = torch.rand(1, 3, 300, 530)  # cores: 2 rows × 3 columns, the last ones partial
+    model = RecordingUpscaler()
+    out = R.run_tiled(model, x, 2, tile=R.TILE, overlap=R.OVERLAP)
+    assert model.sizes == [(R.TILE_INPUT, R.TILE_INPUT)] * 6
+    assert torch.equal(out, nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+    small = RecordingUpscaler()  # smaller than a full tile: the photo itself, once per core
+    R.run_tiled(small, torch.rand(1, 3, 100, 270), 2, tile=R.TILE, overlap=R.OVERLAP)
+    assert small.sizes == [(100, 270), (100, 270)]
+
+
 class OOMAbove(nn.Module):
     """Bicubic ×2 that raises CUDA's out-of-memory error for inputs larger than ``limit`` px."""
 

@@ -173,3 +173,21 @@ def test_task_switch_shows_the_blur_controls_only_for_deblurring() -> None:
     assert blur.visible and strength.visible and kernel.visible
     *_, blur, strength, kernel = tab.update_models("Super-resolution ×4")
     assert not (blur.visible or strength.visible or kernel.visible)
+
+
+def test_a_model_served_at_the_full_tile_is_timed_on_one_tile(monkeypatch) -> None:
+    """Our restoration U-Nets are served (exported) at restore()'s full tile: their speed is
+    one call at that size, per pixel of the tile's core, and no 128² call (which would run
+    in PyTorch, not in the served export)."""
+    monkeypatch.setattr(tab, "_seconds_per_pixel", {})
+    monkeypatch.setattr(tab, "_timing_locks", {})
+    tiled = SlowUpscaler(1e-6)
+    tiled.config = {"scale": 2, "input": {"served_size": [R.TILE_INPUT, R.TILE_INPUT]}}
+    sizes = []
+    original = tiled.forward
+    monkeypatch.setattr(tiled, "forward", lambda x: sizes.append(tuple(x.shape[-2:])) or
+                        original(x))
+    measured = tab.seconds_per_input_pixel("tiled", tiled)
+    assert sizes == [(R.TILE_INPUT, R.TILE_INPUT)]
+    expected = 1e-6 * R.TILE_INPUT**2 / R.TILE**2 * tab.TILE_ASSEMBLY
+    assert expected * 0.9 < measured < expected * 2

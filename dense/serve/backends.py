@@ -12,8 +12,10 @@ than PyTorch on the ports); channels_last PyTorch for everything else (where one
 was as fast). In fp32, except the super-resolution ports on a CPU with native bf16 units
 (AVX512-BF16, AMX): OpenVINO in bf16 ran them 1.8-2× faster than in fp32, with outputs within
 49-57 dB PSNR of fp32's on three real photos (0.14-0.62 grey levels on average; ncnn's own bf16
-mode: 49-55 dB on Real-ESRGAN; tests/test_bench.py checks it). Not the others: bf16 moved
-BlazePose's landmarks by up to 14% of their range. ``DENSE_BACKEND`` (one of BACKENDS) forces
+mode: 49-55 dB on Real-ESRGAN; tests/test_bench.py checks it), and our super-resolution and
+deblurring U-Nets, served at restore()'s full tile (54-63 dB from fp32 on 7 photos). Not the
+others: bf16 moved BlazePose's landmarks by up to 14% of their range, PP-TinyPose's by up to
+35 px at its 256-pixel input. ``DENSE_BACKEND`` (one of BACKENDS) forces
 a backend.
 """
 
@@ -50,6 +52,12 @@ EXPORT_RUNTIMES = {
     "blazepose_landmark": ("openvino", "onnxruntime"),
     "blazepose_detector": ("openvino", "onnxruntime"),
     "unet": ("openvino", "onnxruntime"),
+    # Our U-Nets for super-resolution and deblurring, served at restore()'s full tile (their
+    # config's input.served_size): OpenVINO 0.69-0.86× PyTorch's time in fp32 and half that
+    # again in bf16, whose results stayed within 54-63 dB PSNR of fp32's on 7 photos (at most
+    # 5 grey levels; 2026-11-30, docs/benchmarks.md). Not for segmentation, whose argmax bf16
+    # may flip.
+    "unet_restoration": ("openvino_bf16", "openvino", "onnxruntime"),
     "rrdbnet": ("openvino_bf16", "openvino"),
     "waifu2x_upconv7": ("openvino_bf16", "openvino"),
     "srvgg": ("openvino_bf16",),
@@ -84,14 +92,26 @@ def openvino_native_bf16() -> bool:
         "CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+# The tasks whose U-Nets are served as "unet_restoration" (dense.tasks.restoration's names).
+RESTORATION_TASKS = ("super-resolution", "deblurring")
+
+
+def runtime_family(config: dict) -> str | None:
+    """The EXPORT_RUNTIMES entry of the model with this config: its architecture, with our
+    U-Nets split by task (restoration ones take bf16, segmentation's do not)."""
+    architecture = config.get("architecture")
+    if architecture == "unet" and config.get("task") in RESTORATION_TASKS:
+        return "unet_restoration"
+    return architecture
+
+
 def export_runtimes(config: dict) -> list[str]:
     """The available runtimes on our ONNX export considered for the model with this config,
     fastest first as measured for its kind of model; none where PyTorch was faster or no export
     covers the model's inputs."""
     if not (served_size(config) or dynamic_export(config)):
         return []
-    return [r for r in EXPORT_RUNTIMES.get(config.get("architecture"), ())
-            if runtime_available(r)]
+    return [r for r in EXPORT_RUNTIMES.get(runtime_family(config), ()) if runtime_available(r)]
 
 
 def export_runtime(config: dict) -> str | None:

@@ -36,7 +36,8 @@ class _Flat(nn.Module):
 def served_size(config: dict) -> tuple[int, int] | None:
     """The input size a served export is fixed to: the model's fixed input size (MediaPipe
     graphs), the size it is served at (``input.served_size``: MoveNet MultiPose, whose graph
-    is traced per size) or the size it was trained at (``input.trained_size``); None for none."""
+    is traced per size; the restoration U-Nets' full tile) or the size it was trained at
+    (``input.trained_size``); None for none."""
     inputs = config.get("input", {})
     size = inputs.get("size") or inputs.get("served_size") or inputs.get("trained_size")
     return tuple(size) if size else None

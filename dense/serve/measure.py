@@ -200,15 +200,17 @@ def _version(package: str) -> str:
 
 
 def choice_key(config: dict, size: tuple[int, int], device: torch.device | str,
-               threads: int) -> str:
+               threads: int, candidates: list[str] | None = None) -> str:
     """A model's key within its machine's entry: id, weights checksum, the input size timed,
-    device, threads, onnxruntime's spinning setting, the exporter's version and the versions of
-    the runtimes (a new runtime or export, or spinning threads, may change the winner)."""
+    device, threads, the candidates, onnxruntime's spinning setting, the exporter's version and
+    the versions of the runtimes (a new candidate, runtime or export, or spinning threads, may
+    change the winner)."""
     digest = config.get("sha256", {}).get(zoo.WEIGHTS_FILE, "unversioned")[:16]
     versions = " ".join(f"{p}={_version(p)}" for p in ("torch", "onnxruntime", "openvino"))
     spinning = os.environ.get("DENSE_ORT_SPINNING", "0")
     return (f"{config.get('id', 'model')}@{digest} {size[0]}x{size[1]} {device} "
-            f"threads={threads} spinning={spinning} export=v{EXPORT_VERSION} {versions}")
+            f"threads={threads} candidates={','.join(candidates or [])} spinning={spinning} "
+            f"export=v{EXPORT_VERSION} {versions}")
 
 
 @contextlib.contextmanager
@@ -316,7 +318,7 @@ def measure_backend(model: nn.Module, device: torch.device, rule: str
         return Choice(rule, "rule", note="the only candidate"), None
     size = served_size(config) or (DYNAMIC_SIDE, DYNAMIC_SIDE)
     threads = torch.get_num_threads()
-    key = choice_key(config, size, device, threads)
+    key = choice_key(config, size, device, threads, candidates)
     entry = machine_choices().get(key)
     if entry and entry.get("backend") in candidates:
         return _choice(entry, cached=True), None

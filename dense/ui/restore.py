@@ -27,9 +27,11 @@ from typing import Any
 import cv2
 import gradio as gr
 import numpy as np
+import torch
 from torch import nn
 
 from dense import zoo
+from dense.serve.backends import served_size
 from dense.tasks import restoration as R
 from dense.tasks.restoration.deconvolution import wiener_deblur
 from dense.ui import common
@@ -65,18 +67,23 @@ def max_seconds() -> float:
 
 TIMING_SIDE = 128  # input side of the timed call per model
 # A whole photo costs more per pixel than one small call: the tiles overlap, and the output is
-# assembled and converted. unet-sr-x4 on a 1000×1000 photo took 33.8 s where 128-pixel calls
-# predicted 23.6 s (1.43×; 2-core AMD EPYC Zen 4, 2 threads, nothing else running).
+# assembled and converted. realesrgan-style models (any size, timed at 128²): unet-sr-x4 on a
+# 1000×1000 photo took 33.8 s where 128-pixel calls predicted 23.6 s (1.43×, when it ran in
+# PyTorch; 2-core AMD EPYC Zen 4, 2 threads, nothing else running).
 TILING_OVERHEAD = 1.5
+# Models served at restore()'s full tile are timed on one tile: a photo costs its tiles plus
+# the assembly (unet-sr-x4 through OpenVINO, same machine: 27.4 s for 1000×1000, 16 tiles of
+# 1.63 s, so 1.10× the tiles' core pixels at the tile's speed).
+TILE_ASSEMBLY = 1.15
 _seconds_per_pixel: dict[tuple[str, int, bool], float] = {}
 _timing_locks: dict[tuple[str, int, bool], threading.Lock] = {}
 _timing_locks_lock = threading.Lock()
 
 
 def seconds_per_input_pixel(model_id: str, model: nn.Module) -> float:
-    """Seconds ``model`` takes per input pixel here: timed once (one call on a random
-    TIMING_SIDE² input, after a warm-up call) and remembered per model. One lock per model, so
-    that timing a slow model for one user does not hold up the others."""
+    """Seconds ``model`` takes per photo pixel here, overheads included: timed once and
+    remembered per model. One lock per model, so that timing a slow model for one user does
+    not hold up the others."""
     key = (model_id, R.model_scale(model), isinstance(model, R.SelfEnsemble))
     if key in _seconds_per_pixel:
         return _seconds_per_pixel[key]
@@ -84,13 +91,25 @@ def seconds_per_input_pixel(model_id: str, model: nn.Module) -> float:
         lock = _timing_locks.setdefault(key, threading.Lock())
     with lock:
         if key not in _seconds_per_pixel:
-            x = np.random.default_rng(0).integers(0, 256, (TIMING_SIDE, TIMING_SIDE, 3),
-                                                  dtype=np.uint8)
-            R.restore(model, x)
-            start = time.perf_counter()
-            R.restore(model, x)
-            _seconds_per_pixel[key] = (time.perf_counter() - start) / TIMING_SIDE**2
+            _seconds_per_pixel[key] = _time_per_pixel(model)
     return _seconds_per_pixel[key]
+
+
+def _time_per_pixel(model: nn.Module) -> float:
+    if served_size(getattr(model, "config", {})) == (R.TILE_INPUT, R.TILE_INPUT):
+        # One full tile, at the size the export serves (it ran at that size in its check at
+        # load, so no warm-up call): seconds per pixel of the tile's core.
+        x = torch.rand(1, 3, R.TILE_INPUT, R.TILE_INPUT, generator=torch.Generator().manual_seed(0))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(x)
+        return (time.perf_counter() - start) / R.TILE**2 * TILE_ASSEMBLY
+    # Any other model: a TIMING_SIDE² photo through restore(), after a warm-up call.
+    rgb = np.random.default_rng(0).integers(0, 256, (TIMING_SIDE, TIMING_SIDE, 3), dtype=np.uint8)
+    R.restore(model, rgb)
+    start = time.perf_counter()
+    R.restore(model, rgb)
+    return (time.perf_counter() - start) / TIMING_SIDE**2 * TILING_OVERHEAD
 
 
 def check_job_size(model_id: str, model: nn.Module, height: int, width: int, scale: int,
@@ -106,7 +125,7 @@ def check_job_size(model_id: str, model: nn.Module, height: int, width: int, sca
             f"above this app's {max_output_pixels() / 1e6:.0f} MP memory limit "
             f"(DENSE_RESTORE_MAX_PIXELS). Use a smaller photo, or the command line, tiled and "
             f"without a limit: {command}")
-    seconds = seconds_per_input_pixel(model_id, model) * height * width * TILING_OVERHEAD
+    seconds = seconds_per_input_pixel(model_id, model) * height * width
     if seconds > max_seconds():
         raise gr.Error(
             f"{model_id} would take about {seconds:.0f} s for this {width}×{height} photo on "

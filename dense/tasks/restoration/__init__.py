@@ -76,7 +76,10 @@ from dense.tasks.restoration.evaluation import (
 from dense.tasks.restoration.inference import (
     DEBLUR_TASK,
     MIN_TILE,
+    OVERLAP,
     SR_TASK,
+    TILE,
+    TILE_INPUT,
     BicubicUpscaler,
     Identity,
     SelfEnsemble,
@@ -103,7 +106,8 @@ from dense.tasks.restoration.training import (
 )
 
 __all__ = [
-    "BLUR_KINDS", "DEBLUR_TASK", "IMAGE_SUFFIXES", "MIN_TILE", "PUBLISHED", "SR_TASK",
+    "BLUR_KINDS", "DEBLUR_TASK", "IMAGE_SUFFIXES", "MIN_TILE", "OVERLAP", "PUBLISHED", "SR_TASK",
+    "TILE", "TILE_INPUT",
     "WIENER_ROW",
     "BicubicUpscaler", "BlurredImage", "Identity", "PatchSampler", "RestorationTask",
     "SelfEnsemble",

@@ -21,7 +21,13 @@ from dense.tasks.restoration.evaluation import (
     evaluate_sr,
     evaluate_wiener,
 )
-from dense.tasks.restoration.inference import DEBLUR_TASK, SR_TASK, BicubicUpscaler, Identity
+from dense.tasks.restoration.inference import (
+    DEBLUR_TASK,
+    SR_TASK,
+    TILE_INPUT,
+    BicubicUpscaler,
+    Identity,
+)
 
 # Published PSNR-Y on the same protocol (../shared/README.md), to place our numbers.
 PUBLISHED = {
@@ -116,7 +122,9 @@ def export_model(model: nn.Module, config: RestorationConfig | dict[str, Any], m
         "architecture": "unet",
         "arch_args": {"out_channels": 3, "scale": config.upscale, **config.model},
         "scale": config.upscale,
-        "input": {"layout": "NCHW", "colour": "RGB", "range": [0, 1]},
+        # served_size: restore()'s full tile, the size its export is served at (TILE_INPUT)
+        "input": {"layout": "NCHW", "colour": "RGB", "range": [0, 1],
+                  "served_size": [TILE_INPUT, TILE_INPUT]},
         "licence": "research use (trained on T91/BSD200)",
         "training": kind, "metrics": metrics,
     }
