@@ -30,10 +30,11 @@ def machine() -> dict:
     """What the numbers were measured on: the CPU, its key flags and any instruction-set cap
     in force (dense.hardware.ISA_CAPS)."""
     name, flags = cpu_model()
+    caps = isa_caps()
     return {
         "cpu": name,
         "flags": [f for f in KEY_FLAGS if f in flags.split()],
-        **({"isa_caps": isa_caps()} if isa_caps() else {}),
+        **({"isa_caps": caps} if caps else {}),
         "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,

@@ -75,4 +75,6 @@ def onednn_bf16_allowed() -> bool:
     AVX-512 with bf16 (or AMX). OpenVINO reports bf16 from the CPU's flags, cap or not."""
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "")
     cap = cap.strip().upper()
-    return not cap or cap in ("ALL", "DEFAULT") or "BF16" in cap or "AMX" in cap
+    # oneDNN's ISA names from AVX512_CORE_BF16 up all include bf16 (…_FP16, …_AMX, AVX10_*)
+    return not cap or cap in ("ALL", "DEFAULT") or cap.startswith("AVX10") or any(
+        part in cap for part in ("BF16", "FP16", "AMX"))

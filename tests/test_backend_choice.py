@@ -147,8 +147,9 @@ def test_an_instruction_set_cap_is_another_machine(bench, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(("cap", "allowed"), [
-    (None, True), ("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
-    ("AVX512_CORE_AMX", True)])
+    (None, True), ("AVX2", False), ("avx512_core", False), ("AVX512_CORE_VNNI", False),
+    ("AVX512_CORE_BF16", True), ("AVX512_CORE_FP16", True), ("AVX512_CORE_AMX", True),
+    ("AVX10_1_512", True)])
 def test_bf16_is_not_native_under_a_cap_without_it(monkeypatch, cap, allowed) -> None:
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     if cap is None:
@@ -306,9 +307,8 @@ def test_a_broken_cache_file_is_measured_over(bench) -> None:
 def test_a_measurement_on_a_busy_host_serves_but_is_not_cached(bench, monkeypatch) -> None:
     """Other processes kept half of the cores busy while the candidates were timed (a browser
     on the same cores): the winner serves this load, the next load measures again."""
-    samples = iter([(0.0, 100.0, 1.0), (2.0, 103.0, 1.0)])  # 3 CPU s of others in 2 s × cores
+    samples = iter([(0.0, 100.0, 1.0, 2), (2.0, 103.0, 1.0, 2)])  # others: 3 CPU s in 2 s × 2
     monkeypatch.setattr(measure, "cpu_sample", lambda: next(samples))
-    monkeypatch.setattr(measure.os, "cpu_count", lambda: 2)
     fake = bench({"openvino": 3.0, "onnxruntime": 1.0, "channels_last": 5.0})
     model = serve_model(Tiny(), "cpu")
     assert (model.backend, model.choice.how) == ("onnxruntime", "measured")
@@ -321,25 +321,37 @@ def test_a_measurement_on_a_busy_host_serves_but_is_not_cached(bench, monkeypatc
     assert serve_model(Tiny(), "cpu").choice.cached
 
 
-def test_others_share_counts_only_other_processes(monkeypatch) -> None:
-    monkeypatch.setattr(measure.os, "cpu_count", lambda: 2)
+def test_others_share_counts_only_other_processes() -> None:
     # 1 s of wall time on 2 cores: 1.5 CPU s busy in all, 1.0 of them ours → 25% others
-    assert measure.others_share((10.0, 50.0, 3.0), (11.0, 51.5, 4.0)) == pytest.approx(0.25)
-    assert measure.others_share((10.0, 50.0, 3.0), (11.0, 50.5, 4.0)) == 0.0  # never negative
-    assert measure.others_share(None, (11.0, 51.5, 4.0)) == 0.0
+    assert measure.others_share((10.0, 50.0, 3.0, 2), (11.0, 51.5, 4.0, 2)) == pytest.approx(
+        0.25)
+    assert measure.others_share((10.0, 50.0, 3.0, 2), (11.0, 50.5, 4.0, 2)) == 0.0  # never < 0
+    assert measure.others_share(None, (11.0, 51.5, 4.0, 2)) == 0.0
     sample = measure.cpu_sample()
-    if sample is not None:  # Linux: a real reading
-        assert sample[1] > 0 and sample[2] > 0
+    if sample is not None:  # Linux: a real reading, over the CPUs this process may use
+        assert sample[1] > 0 and sample[2] > 0 and sample[3] == len(measure._cpus())
 
 
-def test_a_stuck_lock_holder_does_not_stall_a_load(bench, monkeypatch) -> None:
+def test_a_stuck_lock_holder_does_not_stall_a_load(bench, monkeypatch, caplog) -> None:
+    """The first load waits LOCK_WAIT_S, then measures unlocked; later loads of this process
+    no longer wait (each would otherwise wait the whole time in turn)."""
+    import time
+
     fcntl = pytest.importorskip("fcntl")
-    monkeypatch.setattr(measure, "LOCK_WAIT_S", 0.2)
+    monkeypatch.setattr(measure, "LOCK_WAIT_S", 0.3)
+    monkeypatch.setattr(measure, "_lock_stuck", False)
     bench({"openvino": 3.0, "onnxruntime": 1.0, "channels_last": 5.0})
     lock = measure.cache_path().with_suffix(".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as held:  # another process's lock, never released meanwhile
         fcntl.flock(held, fcntl.LOCK_EX)
         # flock locks belong to the open file: a second open in this process contends too
+        start = time.monotonic()
         model = serve_model(Tiny(), "cpu")
+        first = time.monotonic() - start
+        start = time.monotonic()
+        serve_model(Tiny(digest="cd" * 32), "cpu")
+        second = time.monotonic() - start
     assert (model.backend, model.choice.how) == ("onnxruntime", "measured")
+    assert "still locked after" in caplog.text
+    assert first >= 0.3 > second

@@ -219,14 +219,29 @@ class RecordingUpscaler(nn.Module):
 def test_every_tile_of_a_large_photo_is_a_full_one() -> None:
     """Cores at the photo's edges take their context from the inside, so that the one export
     served at the full tile (R.TILE_INPUT) runs every tile; the result is the untiled one."""
-    x = torch.rand(1, 3, 300, 530)  # cores: 2 rows × 3 columns, the last ones partial
+    x = torch.rand(1, 3, 300, 800)  # 2 × 3 cores: 272 + 28 rows; 272 + 256 + 272 columns
     model = RecordingUpscaler()
     out = R.run_tiled(model, x, 2, tile=R.TILE, overlap=R.OVERLAP)
     assert model.sizes == [(R.TILE_INPUT, R.TILE_INPUT)] * 6
     assert torch.equal(out, nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
-    small = RecordingUpscaler()  # smaller than a full tile: the photo itself, once per core
-    R.run_tiled(small, torch.rand(1, 3, 100, 270), 2, tile=R.TILE, overlap=R.OVERLAP)
-    assert small.sizes == [(100, 270), (100, 270)]
+    # No larger than a window along an axis: one core there, the window the whole axis (a
+    # 288² photo is one call, not four).
+    small = RecordingUpscaler()
+    R.run_tiled(small, torch.rand(1, 3, R.TILE_INPUT, 270), 2, tile=R.TILE, overlap=R.OVERLAP)
+    assert small.sizes == [(R.TILE_INPUT, 270)]
+
+
+@pytest.mark.parametrize("length", [1, 255, 288, 289, 544, 545, 1000, 4001])
+def test_tile_spans_cover_the_axis_with_full_windows_and_enough_context(length: int) -> None:
+    spans = R.tile_spans(length, R.TILE, R.OVERLAP)
+    assert spans[0][0] == 0 and spans[-1][1] == length
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))  # a partition
+    for core0, core1, win0, win1 in spans:
+        assert 0 <= win0 <= core0 < core1 <= win1 <= length
+        assert win1 - win0 == min(length, R.TILE_INPUT)
+        assert core0 - win0 >= R.OVERLAP or win0 == 0  # context, unless at the edge
+        assert win1 - core1 >= R.OVERLAP or win1 == length
+    assert len(spans) == max(1, -(-(length - 2 * R.OVERLAP) // R.TILE))  # no more than needed
 
 
 class OOMAbove(nn.Module):

@@ -53,10 +53,10 @@ EXPORT_RUNTIMES = {
     "blazepose_detector": ("openvino", "onnxruntime"),
     "unet": ("openvino", "onnxruntime"),
     # Our U-Nets for super-resolution and deblurring, served at restore()'s full tile (their
-    # config's input.served_size): OpenVINO 0.69-0.86× PyTorch's time in fp32 and half that
-    # again in bf16, whose results stayed within 54-63 dB PSNR of fp32's on 7 photos (at most
-    # 5 grey levels; 2026-11-30, docs/benchmarks.md). Not for segmentation, whose argmax bf16
-    # may flip.
+    # config's input.served_size): OpenVINO 0.74-0.91× channels_last PyTorch's time in fp32
+    # and 0.37-0.45× in bf16, whose results stayed within 54-63 dB PSNR of fp32's on 7 photos
+    # (at most 5 grey levels); onnxruntime 0.80-0.99× (2026-11-30, docs/benchmarks.md). Not
+    # for segmentation, whose argmax bf16 may flip.
     "unet_restoration": ("openvino_bf16", "openvino", "onnxruntime"),
     "rrdbnet": ("openvino_bf16", "openvino"),
     "waifu2x_upconv7": ("openvino_bf16", "openvino"),

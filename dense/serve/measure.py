@@ -18,10 +18,11 @@ already built, so a measured first load builds no more than the candidates thems
 The cache (``package_cache()/backends.json``)::
 
     {"version": 1,
-     "machines": {"<CPU model name> | flags sha256:<12 hex>": {
-         "cpu": "<model name>", "flags": "<sorted flags>",
-         "choices": {"<id>@<weights sha256, 16 hex> <H>x<W> cpu threads=<n> torch=<v>
-                      onnxruntime=<v> openvino=<v>": {
+     "machines": {"<CPU model name> | flags sha256:<12 hex>[ | ONEDNN_MAX_CPU_ISA=<cap>...]": {
+         "cpu": "<model name>", "flags": "<sorted flags>"[, "caps": {"<variable>": "<cap>"}],
+         "choices": {"<id>@<weights sha256, 16 hex> <H>x<W> cpu threads=<n>
+                      candidates=<backend>,<backend>... spinning=<0|1> export=v<n>
+                      torch=<v> onnxruntime=<v> openvino=<v>": {
              "model": "<id>", "backend": "openvino", "how": "measured",
              "median_ms": {"openvino": 0.9, "onnxruntime": 2.4, "channels_last": 6.4},
              "failed": {}, "runs": 6, "input": [256, 256], "threads": 1,
@@ -92,6 +93,7 @@ clock: Callable[[], float] = time.perf_counter
 sleep: Callable[[float], None] = time.sleep
 
 _lock = threading.Lock()  # one measurement at a time in a process: two would time each other
+_lock_stuck = False  # the cache's file lock timed out once in this process (see _file_lock)
 
 
 @dataclass(frozen=True)
@@ -227,16 +229,21 @@ def _file_lock() -> Iterator[None]:
         log.debug("no lock on %s (%s)", path, err)
         yield
         return
+    global _lock_stuck
     try:
-        deadline = time.monotonic() + LOCK_WAIT_S
+        # After one timeout this process stops waiting: the holder is stuck, and every model
+        # measured after it would otherwise wait the whole LOCK_WAIT_S in turn.
+        deadline = time.monotonic() + (0.0 if _lock_stuck else LOCK_WAIT_S)
         while True:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() > deadline:
-                    log.warning("%s still locked after %.0f s: measuring without the lock",
-                                path, LOCK_WAIT_S)
+                if time.monotonic() >= deadline:
+                    if not _lock_stuck:
+                        log.warning("%s still locked after %.0f s: measuring without the lock "
+                                    "from now on", path, LOCK_WAIT_S)
+                    _lock_stuck = True
                     break
                 time.sleep(0.05)
         yield
@@ -405,29 +412,48 @@ def _measure(model: nn.Module, candidates: list[str], size: tuple[int, int], thr
     return Choice(winner, "measured", medians, failed, runs=runs), _export_run(runners, winner)
 
 
-def cpu_sample() -> tuple[float, float, float] | None:
-    """(monotonic seconds, CPU seconds all processes have kept the cores busy since boot, CPU
-    seconds of this process), from /proc/stat and os.times; None where there is no /proc."""
+def _cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity; all of them where that is unknown)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def cpu_sample() -> tuple[float, float, float, int] | None:
+    """(monotonic seconds, CPU seconds all processes have kept this process's CPUs busy since
+    boot, CPU seconds of this process, number of those CPUs), from /proc/stat's per-CPU lines
+    and os.times; None where there is no /proc.
+
+    A host's other tenants on CPUs this process may not use do not count; this process's own
+    threads do not count as others (a webcam frame served while a model is measured is
+    contention the reading does not see)."""
+    cpus = {f"cpu{i}" for i in _cpus()}
+    busy = 0.0
     try:
         with open("/proc/stat", encoding="ascii") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
+            for line in f:
+                fields = line.split()
+                if fields and fields[0] in cpus:
+                    # user nice system idle iowait irq softirq steal: all but idle and iowait
+                    # are busy (steal: a VM's host took the core); guest time is inside user.
+                    ticks = [int(v) for v in fields[1:9]]
+                    busy += sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)
     except (OSError, ValueError):
         return None
-    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy (steal:
-    # a VM's host took the core); guest time is already inside user.
-    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)
     own = os.times()
-    return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
+    return (time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own.user + own.system,
+            len(cpus))
 
 
-def others_share(before: tuple[float, float, float] | None,
-                 after: tuple[float, float, float] | None) -> float:
-    """The share of all cores that other processes kept busy between two :func:`cpu_sample`
-    readings (0 where either is missing)."""
+def others_share(before: tuple[float, float, float, int] | None,
+                 after: tuple[float, float, float, int] | None) -> float:
+    """The share of this process's CPUs that other processes kept busy between two
+    :func:`cpu_sample` readings (0 where either is missing)."""
     if before is None or after is None or after[0] <= before[0]:
         return 0.0
     others = (after[1] - before[1]) - (after[2] - before[2])
-    return max(0.0, others / ((after[0] - before[0]) * (os.cpu_count() or 1)))
+    return max(0.0, others / ((after[0] - before[0]) * max(after[3], 1)))
 
 
 def _time_once(run: Callable[[torch.Tensor], Any], x: torch.Tensor) -> float:

@@ -27,11 +27,11 @@ from typing import Any
 import cv2
 import gradio as gr
 import numpy as np
-import torch
 from torch import nn
 
 from dense import zoo
 from dense.serve.backends import served_size
+from dense.serve.devices import model_device
 from dense.tasks import restoration as R
 from dense.tasks.restoration.deconvolution import wiener_deblur
 from dense.ui import common
@@ -71,9 +71,10 @@ TIMING_SIDE = 128  # input side of the timed call per model
 # 1000×1000 photo took 33.8 s where 128-pixel calls predicted 23.6 s (1.43×, when it ran in
 # PyTorch; 2-core AMD EPYC Zen 4, 2 threads, nothing else running).
 TILING_OVERHEAD = 1.5
-# Models served at restore()'s full tile are timed on one tile: a photo costs its tiles plus
-# the assembly (unet-sr-x4 through OpenVINO, same machine: 27.4 s for 1000×1000, 16 tiles of
-# 1.63 s, so 1.10× the tiles' core pixels at the tile's speed).
+# Models served at restore()'s full tile are timed on a photo of one full tile (one call at the
+# export's size): a larger photo costs its tiles, per pixel of their cores, plus the assembly
+# (unet-sr-x4 through OpenVINO in fp32, same machine: 27.1 s for 1000×1000 where one 288² tile
+# took 1.62 s, i.e. 24.7 s at the tile's speed per core pixel: 1.10×).
 TILE_ASSEMBLY = 1.15
 _seconds_per_pixel: dict[tuple[str, int, bool], float] = {}
 _timing_locks: dict[tuple[str, int, bool], threading.Lock] = {}
@@ -96,20 +97,19 @@ def seconds_per_input_pixel(model_id: str, model: nn.Module) -> float:
 
 
 def _time_per_pixel(model: nn.Module) -> float:
-    if served_size(getattr(model, "config", {})) == (R.TILE_INPUT, R.TILE_INPUT):
-        # One full tile, at the size the export serves (it ran at that size in its check at
-        # load, so no warm-up call): seconds per pixel of the tile's core.
-        x = torch.rand(1, 3, R.TILE_INPUT, R.TILE_INPUT, generator=torch.Generator().manual_seed(0))
-        start = time.perf_counter()
-        with torch.inference_mode():
-            model(x)
-        return (time.perf_counter() - start) / R.TILE**2 * TILE_ASSEMBLY
-    # Any other model: a TIMING_SIDE² photo through restore(), after a warm-up call.
-    rgb = np.random.default_rng(0).integers(0, 256, (TIMING_SIDE, TIMING_SIDE, 3), dtype=np.uint8)
-    R.restore(model, rgb)
+    served_at_tile = served_size(getattr(model, "config", {})) == (R.TILE_INPUT, R.TILE_INPUT)
+    side = R.TILE_INPUT if served_at_tile else TIMING_SIDE
+    rgb = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    # A warm-up call, except for a CPU export at its own size: it ran there in its check at load
+    # (on a GPU the first call at a size captures its CUDA graph).
+    if not (served_at_tile and model_device(model).type == "cpu"):
+        R.restore(model, rgb)
     start = time.perf_counter()
-    R.restore(model, rgb)
-    return (time.perf_counter() - start) / TIMING_SIDE**2 * TILING_OVERHEAD
+    R.restore(model, rgb)  # returns on the CPU: a GPU's work is done when it returns
+    seconds = time.perf_counter() - start
+    if served_at_tile:  # per pixel of a tile's core
+        return seconds / R.TILE**2 * TILE_ASSEMBLY
+    return seconds / TIMING_SIDE**2 * TILING_OVERHEAD
 
 
 def check_job_size(model_id: str, model: nn.Module, height: int, width: int, scale: int,

@@ -89,6 +89,7 @@ from dense.tasks.restoration.inference import (
     model_scale,
     restore,
     run_tiled,
+    tile_spans,
     to_tensor,
     to_uint8,
 )
@@ -122,6 +123,7 @@ __all__ = [
     "model_scale", "motion_kernel", "pair_batches", "predict_one", "predict_options", "psnr_y",
     "random_kernel", "resize_matrix", "restore", "rgb_to_y", "run_tiled", "score",
     "set_requires_grad", "sr_batch", "sr_pair", "sr_pairs", "ssim_y", "synthetic_eval_kernels",
+    "tile_spans",
     "to_batch", "to_tensor", "to_uint8", "train_gan", "train_restoration", "training_pairs",
     "wiener_deblur",
 ]

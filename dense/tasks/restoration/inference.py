@@ -26,9 +26,10 @@ DEBLUR_TASK = "deblurring"
 MIN_TILE = 32  # below this, halving the tile size on out-of-memory is no longer worth it
 TILE, OVERLAP = 256, 16  # restore()'s tiles: a 256-pixel core, at least 16 pixels of context
 # The input of a full tile. Our restoration U-Nets are served at this size (their config's
-# ``input.served_size``, set by export_model): OpenVINO on the fixed-size export ran a tile
-# 0.69× (unet-sr-x2) and 0.86× (unet-deblur) the time of channels_last PyTorch, and every
-# tile of a photo at least this large is a full one (see _tile_pass).
+# ``input.served_size``, set by export_model): on the fixed-size export OpenVINO ran a tile in
+# 0.74-0.91× the time of channels_last PyTorch in fp32 and 0.37-0.45× in bf16 (unet-sr-x4,
+# unet-sr-x2, unet-deblur; docs/benchmarks.md), and every window of a photo at least this
+# large is a full one (tile_spans).
 TILE_INPUT = TILE + 2 * OVERLAP
 
 
@@ -123,25 +124,38 @@ def context_pixels(model: nn.Module, default: int = 16) -> int:
     return default
 
 
+def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """Along one axis of ``length`` pixels: (core start, core end, window start, window end)
+    for each tile.
+
+    A window is tile + 2·overlap pixels wherever the axis is that long, so one fixed-size
+    export serves every tile of a large photo: the cores at the two ends need no context
+    beyond the edge, so they are tile + overlap long, the others tile, and the last core's
+    window reaches back into the image (more context never makes a core less exact). An axis
+    no longer than a window is one core, its window the whole axis.
+    """
+    window = tile + 2 * overlap
+    if length <= window:
+        return [(0, length, 0, length)]
+    cores = [(0, tile + overlap)]
+    while length - cores[-1][1] > tile + overlap:
+        cores.append((cores[-1][1], cores[-1][1] + tile))
+    cores.append((cores[-1][1], length))
+    return [(a, b, min(max(a - overlap, 0), length - window),
+             min(max(a - overlap, 0), length - window) + window) for a, b in cores]
+
+
 def _tile_pass(model: nn.Module, x: torch.Tensor, scale: int, tile: int, overlap: int,
                device: torch.device, progress: Callable[[float], None] | None) -> torch.Tensor:
-    """One pass over the tiles: each core tile is run with ``overlap`` pixels of context and
-    only its core is kept ("crop the overlap", as Real-ESRGAN's tile mode): exact wherever the
-    receptive field fits in the overlap, and no blending weights to get wrong.
-
-    Every window is tile + 2·overlap pixels wide where the image is: a core at the image's
-    edge takes its missing context from the inside (more context never makes a core less
-    exact), so one fixed-size export serves every tile of a large photo.
-    """
+    """One pass over the tiles (:func:`tile_spans` on both axes): each core is run with at
+    least ``overlap`` pixels of context and only the core is kept ("crop the overlap", as
+    Real-ESRGAN's tile mode): exact wherever the receptive field fits in the overlap, and no
+    blending weights to get wrong."""
     _, _, height, width = x.shape
-    starts = [(y, x0) for y in range(0, height, tile) for x0 in range(0, width, tile)]
-    window = tile + 2 * overlap
+    tiles = [(ys, xs) for ys in tile_spans(height, tile, overlap)
+             for xs in tile_spans(width, tile, overlap)]
     out: torch.Tensor | None = None
-    for i, (y0, x0) in enumerate(starts):
-        y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
-        cy0 = min(max(y0 - overlap, 0), max(height - window, 0))
-        cx0 = min(max(x0 - overlap, 0), max(width - window, 0))
-        cy1, cx1 = min(cy0 + window, height), min(cx0 + window, width)
+    for i, ((y0, y1, cy0, cy1), (x0, x1, cx0, cx1)) in enumerate(tiles):
         with inference(device):
             result = model(x[..., cy0:cy1, cx0:cx1].to(device))
         result = result.float().cpu()
@@ -151,7 +165,7 @@ def _tile_pass(model: nn.Module, x: torch.Tensor, scale: int, tile: int, overlap
         out[..., y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
             result[..., oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale]
         if progress is not None:
-            progress((i + 1) / len(starts))
+            progress((i + 1) / len(tiles))
     assert out is not None
     return out
 
