@@ -99,6 +99,9 @@ def app_url(browser_deps) -> Iterator[str]:
 
     demo = app.build_app()
     demo.queue(max_size=common.QUEUE_SIZE, default_concurrency_limit=common.CONCURRENCY)
+    # As app.main does at start, before any browser draws on the same cores: the live models
+    # load and their backends are measured here, not at the first frame under the page's load.
+    common.warm_up(tuple(m for m in common.WARM_MODELS if m.startswith(("movenet", "blazepose"))))
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}"
