@@ -63,11 +63,14 @@ def get_model(name: str) -> nn.Module:
 
 # Loaded in the background when the app starts, so that the first webcam frames and the first
 # segmentation do not wait for a load (on CPU the served models are also exported to ONNX once
-# per machine: ~2 s for each MediaPipe graph, ~9 s for unet-camvid), and so that their backends
-# are measured (dense.serve.measure) while no browser is drawing on the same cores: the live
-# models first (the webcam's default, then BlazePose), then the photo tabs' defaults.
+# per machine: ~2 s for each MediaPipe graph, ~9 s for unet-camvid, ~30 s for unet-sr-x4 at
+# its full tile, whose first ×4 request took 42 s instead of 13 s without this), and so that
+# their backends are measured (dense.serve.measure) while no browser is drawing on the same
+# cores: the live models first (the webcam's default, then BlazePose), then the photo tabs'
+# defaults, the Restore tab's last.
 WARM_MODELS = ("movenet-multipose", "blazepose-detector", "blazepose-lite", "blazepose-full",
-               "everyday", "yolox-nano", "tinypose-256x192", "selfie-seg", "unet-camvid")
+               "everyday", "yolox-nano", "tinypose-256x192", "selfie-seg", "unet-camvid",
+               "unet-sr-x4", "unet-deblur")
 
 
 def warm_up(names: tuple[str, ...] = WARM_MODELS) -> None:
