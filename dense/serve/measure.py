@@ -219,6 +219,7 @@ def choice_key(config: dict, size: tuple[int, int], device: torch.device | str,
 def _file_lock() -> Iterator[None]:
     """Held across read, measurement and write: replicas starting together measure a model
     once (the second finds the first's entry) and never time each other."""
+    global _lock_stuck
     path = cache_path().with_suffix(".lock")
     try:
         import fcntl
@@ -229,7 +230,6 @@ def _file_lock() -> Iterator[None]:
         log.debug("no lock on %s (%s)", path, err)
         yield
         return
-    global _lock_stuck
     try:
         # After one timeout this process stops waiting: the holder is stuck, and every model
         # measured after it would otherwise wait the whole LOCK_WAIT_S in turn.

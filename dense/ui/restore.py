@@ -67,9 +67,10 @@ def max_seconds() -> float:
 
 TIMING_SIDE = 128  # input side of the timed call per model
 # A whole photo costs more per pixel than one small call: the tiles overlap, and the output is
-# assembled and converted. realesrgan-style models (any size, timed at 128²): unet-sr-x4 on a
-# 1000×1000 photo took 33.8 s where 128-pixel calls predicted 23.6 s (1.43×, when it ran in
-# PyTorch; 2-core AMD EPYC Zen 4, 2 threads, nothing else running).
+# assembled and converted. For the models timed on a TIMING_SIDE² photo (the ports, which take
+# any size): unet-sr-x4, when it still ran in PyTorch and was timed so, took 33.8 s for a
+# 1000×1000 photo where 128-pixel calls predicted 23.6 s (1.43×; 2-core AMD EPYC Zen 4,
+# 2 threads, nothing else running).
 TILING_OVERHEAD = 1.5
 # Models served at restore()'s full tile are timed on a photo of one full tile (one call at the
 # export's size): a larger photo costs its tiles, per pixel of their cores, plus the assembly

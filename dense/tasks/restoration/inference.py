@@ -141,8 +141,8 @@ def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int, int
     while length - cores[-1][1] > tile + overlap:
         cores.append((cores[-1][1], cores[-1][1] + tile))
     cores.append((cores[-1][1], length))
-    return [(a, b, min(max(a - overlap, 0), length - window),
-             min(max(a - overlap, 0), length - window) + window) for a, b in cores]
+    starts = [min(max(a - overlap, 0), length - window) for a, _ in cores]
+    return [(a, b, start, start + window) for (a, b), start in zip(cores, starts, strict=True)]
 
 
 def _tile_pass(model: nn.Module, x: torch.Tensor, scale: int, tile: int, overlap: int,
