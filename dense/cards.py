@@ -15,6 +15,15 @@ from collections.abc import Sequence
 SECTIONS = ("Task", "Architecture", "Input", "Training", "Measured", "Licence")
 
 
+def front_matter(licence: str, tags: Sequence[str], datasets: Sequence[str] = ()) -> str:
+    """The Hub's YAML front matter of a card (between its two ``---`` lines, both included):
+    written here once for our cards and the converters' cards of ported models."""
+    lines = [f"license: {licence}", "library_name: dense", f"tags: [{', '.join(tags)}]"]
+    if datasets:
+        lines.append(f"datasets: [{', '.join(datasets)}]")
+    return "---\n" + "\n".join(lines) + "\n---\n"
+
+
 def model_card(model_id: str, *, licence: str, tags: Sequence[str],
                sections: dict[str, str], datasets: Sequence[str] = (),
                extra: str = "") -> str:
@@ -22,9 +31,6 @@ def model_card(model_id: str, *, licence: str, tags: Sequence[str],
     order of :data:`SECTIONS` with any other labels before the licence; ``extra`` (the measured
     tables and notes) follows the "Measured" paragraph (or, without one, comes before the
     licence)."""
-    front = [f"license: {licence}", "library_name: dense", f"tags: [{', '.join(tags)}]"]
-    if datasets:
-        front.append(f"datasets: [{', '.join(datasets)}]")
     others = [label for label in sections if label not in SECTIONS]
     order = [label for label in (*SECTIONS[:-1], *others, SECTIONS[-1]) if label in sections]
     before_licence = order[:-1] if order and order[-1] == SECTIONS[-1] else order
@@ -34,7 +40,7 @@ def model_card(model_id: str, *, licence: str, tags: Sequence[str],
         parts.append(f"**{label}:** {sections[label].strip()}")
         if label == anchor and extra.strip():
             parts.append(extra.strip())
-    return "---\n" + "\n".join(front) + f"\n---\n# {model_id}\n\n" + "\n\n".join(parts) + "\n"
+    return front_matter(licence, tags, datasets) + f"# {model_id}\n\n" + "\n\n".join(parts) + "\n"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]],

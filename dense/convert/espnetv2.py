@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from dense.cards import front_matter
 from dense.convert.fidelity_espnetv2 import (
     compare_with_fixture,
     export_session,
@@ -148,15 +149,8 @@ def _card(port: ESPNetv2Port, config: dict[str, Any], params: int, fidelity: dic
         "Cityscapes classes); EdgeNets' test script maps it to Cityscapes id 0 (unlabelled) "
         "and the benchmark does not score it."
         if port.num_classes == 20 else "Index 0 is background, as in Pascal VOC.")
-    return f"""---
-license: mit
-tags:
-  - semantic-segmentation
-  - espnetv2
-  - {"pascal-voc" if port.num_classes == 21 else "cityscapes"}
-library_name: dense
----
-
+    dataset_tag = "pascal-voc" if port.num_classes == 21 else "cityscapes"
+    return front_matter("mit", ["semantic-segmentation", "espnetv2", dataset_tag]) + f"""
 # {port.id}
 
 ## Task

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from dense.cards import front_matter
 from dense.images import read_image
 from dense.ports.everyday import VOC_TO_ADE, extra_objects
 from dense.tasks import segmentation as seg
@@ -83,11 +84,8 @@ def everyday_card(config: dict[str, Any], scene: dict[str, Any], objects: dict[s
     measured = config.get("metrics", {})
     rows = "\n".join(f"| {k} | {v} |" for k, v in measured.items()
                      if isinstance(v, int | float | str))
-    return f"""---
-license: other
-library_name: dense
-tags: [semantic-segmentation, ade20k, pascal-voc, mosaic, espnetv2]
----
+    tags = ["semantic-segmentation", "ade20k", "pascal-voc", "mosaic", "espnetv2"]
+    return front_matter("other", tags) + f"""\
 # everyday: scenes and objects in the photos people upload
 
 **Task:** semantic segmentation of everyday photos into {len(config['labels'])} classes: the

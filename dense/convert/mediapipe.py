@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import torch
 
+from dense.cards import front_matter
 from dense.convert import fetch_npm, fetch_pypi, torch_threads
 from dense.images import read_image
 from dense.ports.mediapipe import (
@@ -270,15 +271,7 @@ def model_card(model_id: str, config: dict[str, Any]) -> str:
             "\nThe full MediaPipe pipeline (letterboxed detector, rotated ROI from the detector's "
             "keypoints, 256×256 crop, heatmap refinement, mapping back to the image) is "
             "`dense.ports.blazepose.detect_poses`.\n")
-    return f"""---
-license: apache-2.0
-library_name: dense
-tags:
-- {source.task}
-- mediapipe
-- tflite-port
----
-
+    return front_matter("apache-2.0", [source.task, "mediapipe", "tflite-port"]) + f"""
 # {model_id}: {source.title}
 
 **Task:** {source.task}. **Architecture:** `{source.architecture}`, the original TFLite graph

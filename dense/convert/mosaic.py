@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from dense.cards import front_matter
 from dense.convert import torch_threads
 from dense.data import UPSTREAM_SHA256, data_root, upstream_file
 from dense.ports.mosaic import COLORS, INPUT_SIZE, LABELS, MosaicSegmenter, scores_graph
@@ -255,16 +256,7 @@ def model_card(config: dict[str, Any], results: dict[str, dict[str, Any]]) -> st
     classes = ", ".join(f"{i} {label}" for i, label in enumerate(LABELS))
     legend = "; ".join(f"{name}: {sets[name].what}" for name in results)
     source = config["source"]
-    return f"""---
-license: apache-2.0
-library_name: dense
-tags:
-- segmentation
-- ade20k
-- mlperf
-- tflite-port
----
-
+    return front_matter("apache-2.0", ["segmentation", "ade20k", "mlperf", "tflite-port"]) + f"""
 # {config['id']}: MOSAIC R4, semantic segmentation (ADE20K top 31 + other)
 
 **Task:** semantic segmentation of everyday photos (rooms, streets, landscapes, people).

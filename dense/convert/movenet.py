@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 
+from dense.cards import front_matter
 from dense.convert import torch_threads
 from dense.data import UPSTREAM_SHA256, data_root, upstream_file
 from dense.ports.movenet import (
@@ -352,16 +353,7 @@ def model_card(model_id: str, config: dict[str, Any], results: dict[str, dict[st
                      "in the sources used here; not re-measured.\n")
     keypoints = ", ".join(f"{i} {n}" for i, n in enumerate(COCO_KEYPOINTS))
     files = ", ".join(f"`{p}`" for p in config["source"]["path"])
-    return f"""---
-license: apache-2.0
-library_name: dense
-tags:
-- keypoints
-- pose
-- movenet
-- tfjs-port
----
-
+    return front_matter("apache-2.0", ["keypoints", "pose", "movenet", "tfjs-port"]) + f"""
 # {model_id}: {source.title}
 
 **Task:** keypoints (people's 17 COCO keypoints). **Architecture:** `{source.architecture}`:

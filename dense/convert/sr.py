@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dense.cards import front_matter
 from dense.data import REPO_ROOT
 from dense.ports.ncnn import Weights, read_model
 
@@ -359,7 +360,6 @@ def _config(
 def _card(port: SRPort, config: dict[str, Any], params: int) -> str:
     m = config["metrics"]
     crop = m["crop"]
-    tags = "\n".join(f"  - {t}" for t in ["super-resolution", *port.tags, "ncnn-port"])
     upsampling = {
         "nearest+conv": "two rounds of nearest-neighbour 2x upsampling, each followed by a 3x3 "
         "conv and LeakyReLU(0.2)",
@@ -368,13 +368,8 @@ def _card(port: SRPort, config: dict[str, Any], params: int) -> str:
         "transposed": "a 4×4 stride-2 transposed conv; the six 3×3 convs before it are valid "
         "(unpadded), so the module first pads the input by 7 replicated edge pixels",
     }[port.upsampling]
-    return f"""---
-license: {port.licence.lower()}
-tags:
-{tags}
-library_name: dense
----
-
+    tags = ["super-resolution", *port.tags, "ncnn-port"]
+    return front_matter(port.licence.lower(), tags) + f"""
 # {port.id}
 
 ## Task

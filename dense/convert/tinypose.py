@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from dense.cards import front_matter
 from dense.convert.fidelity_tinypose import (
     NCNN_MODES,
     coco_ap,
@@ -129,17 +130,8 @@ not comparable with the published figure), from the annotated boxes, pycocotools
 metrics in %: single pass {_fmt_ap(ap["single_pass"])}; with PaddleDetection's flip test
 {_fmt_ap(ap["flip_test"])}."""
         if ap else "Not measured here (needs the data folder and pycocotools).")
-    return f"""---
-license: apache-2.0
-library_name: dense
-tags:
-- keypoints
-- pose
-- coco
-- paddledetection
-- ncnn-port
----
-
+    tags = ["keypoints", "pose", "coco", "paddledetection", "ncnn-port"]
+    return front_matter("apache-2.0", tags) + f"""
 # {source.id}: PP-TinyPose {h}×{w}
 
 ## Task

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from dense.cards import front_matter
 from dense.convert.fidelity_yolox import (
     compare_with_fixture,
     differences,
@@ -171,16 +172,8 @@ def _card(config: dict[str, Any], params: int, fidelity: dict[str, Any]) -> str:
     else:
         people_text = "Not measured (../shared/data was absent at conversion)."
     classes = ", ".join(f"{i} {name}" for i, name in enumerate(COCO_CLASSES))
-    return f"""---
-license: apache-2.0
-tags:
-  - object-detection
-  - yolox
-  - coco
-  - person-detection
-library_name: dense
----
-
+    tags = ["object-detection", "yolox", "coco", "person-detection"]
+    return front_matter("apache-2.0", tags) + f"""
 # {MODEL_ID}
 
 ## Task
