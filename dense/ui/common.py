@@ -84,8 +84,15 @@ def warm_up(names: tuple[str, ...] = WARM_MODELS) -> None:
 
 def models_for(task: str) -> list[str]:
     """Ids of the zoo's models of ``task`` (so a new model appears without UI changes)."""
-    # Bundled models only: the Hub cache of whoever runs the app is not the app's offer.
-    return [m.id for m in zoo.list_models(task=task) if m.location == "bundled"]
+    return list(_bundled_models(task, zoo.weights_dir()))
+
+
+@functools.cache
+def _bundled_models(task: str, folder: Path) -> tuple[str, ...]:
+    # Bundled models only: the Hub cache of whoever runs the app is not the app's offer. Read
+    # once per task and weights folder: the tabs check every request's model against these
+    # lists, and listing reads every folder's config (~17 ms for the Restore tab's SR models).
+    return tuple(m.id for m in zoo.list_models(task=task) if m.location == "bundled")
 
 
 def decode(image: Any) -> DecodedImage:
