@@ -56,6 +56,11 @@ def test_group_pipeline_finds_each_person_with_keypoints_inside_their_box(group)
     assert np.hypot(peak_x - nose[0], peak_y - nose[1]) < 0.05 * max(rgb.shape[:2])
 
 
+def test_group_pipeline_finds_a_family_around_the_television(group) -> None:
+    people = group.estimate(read_image(EXAMPLES / "family_tv.jpg").rgb)
+    assert len(people) >= 5  # five people: sitting, lying on the floor, on the sofa
+
+
 def test_max_people_and_an_empty_photo(group) -> None:
     assert len(group.estimate(charades(), max_people=1)) == 1
     assert group.estimate(np.full((240, 320, 3), 127, np.uint8)) == []

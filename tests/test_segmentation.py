@@ -209,6 +209,9 @@ def test_everyday_segments_people_in_a_room_a_room_and_a_cat() -> None:
     room = _shares("room.jpg")  # a living room: settee, armchairs, coffee table
     assert all(room.get(c, 0) > 0.05 for c in ("wall", "floor", "ceiling")), room
     assert sum(room.get(c, 0) for c in ("chair", "armchair", "sofa")) > 0.03, room
+    family = _shares("family_tv.jpg")  # five people around a TV, one of them on the sofa
+    assert all(family.get(c, 0) > share for c, share in
+               (("person", 0.1), ("wall", 0.1), ("sofa", 0.03), ("floor", 0.015))), family
     cat = _shares("chelsea.png")
     assert max(cat, key=cat.get) == "cat", cat
 
