@@ -146,6 +146,29 @@ def test_an_instruction_set_cap_is_another_machine(bench, monkeypatch) -> None:
     assert [m["caps"] for m in capped] == [{"ONEDNN_MAX_CPU_ISA": "AVX2"}]
 
 
+def test_a_change_to_a_models_code_is_a_new_export_and_a_new_measurement(
+        bench, monkeypatch) -> None:
+    from dense.nn import upsample
+    from dense.serve import export
+
+    layer = upsample.PixelShuffle(4, 4, 2)
+    layer.config = Tiny().config
+    digest, path = export.code_digest(layer), export.onnx_cache_path(layer)
+    assert digest in path.name and export.code_digest(Tiny()) != digest  # torch's files: no part
+    edited = export._file_digest  # the same files, one of them edited
+    monkeypatch.setattr(export, "_file_digest", lambda f: edited(f) + (
+        b"edit" if f == upsample.__file__ else b""))
+    assert export.code_digest(layer) != digest and export.onnx_cache_path(layer) != path
+
+    bench({"openvino": 3.0, "onnxruntime": 1.0, "channels_last": 5.0})
+    monkeypatch.setattr(measure, "code_digest", lambda model: "before")
+    serve_model(Tiny(), "cpu")
+    fake = bench({"openvino": 1.0, "onnxruntime": 3.0, "channels_last": 5.0})
+    monkeypatch.setattr(measure, "code_digest", lambda model: "after")
+    model = serve_model(Tiny(), "cpu")
+    assert (model.backend, model.choice.cached) == ("openvino", False) and fake.calls
+
+
 @pytest.mark.parametrize(("cap", "allowed"), [
     (None, True), ("AVX2", False), ("avx512_core", False), ("AVX512_CORE_VNNI", False),
     ("AVX512_CORE_BF16", True), ("AVX512_CORE_FP16", True), ("AVX512_CORE_AMX", True),

@@ -5,6 +5,8 @@ dynamic height and width), checked against PyTorch with onnxruntime when install
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import os
 import sys
 import threading
@@ -141,15 +143,35 @@ def check_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = None
 EXPORT_VERSION = 3  # 3: YOLOX's stem as one strided conv
 
 
+@functools.cache
+def _file_digest(path: str) -> bytes:
+    return hashlib.sha256(Path(path).read_bytes()).digest()
+
+
+def code_digest(model: nn.Module) -> str:
+    """A digest of dense's source files that define ``model``'s modules (its class and every
+    submodule's). An export is a trace of that code, so a change to it must not be served
+    from an export of the old code: a cached TinyPose export traced during an experiment (a
+    transpose-based channel shuffle) kept being served after the code went back, 1.3-1.6× slower
+    than the current graph, because only the weights and the exporter's version were keyed."""
+    # dense's own files only: torch's are keyed by its version.
+    files = sorted({sys.modules[type(m).__module__].__file__ or "" for m in model.modules()
+                    if type(m).__module__.startswith("dense.")})
+    digest = hashlib.sha256()
+    for path in filter(None, files):
+        digest.update(_file_digest(path))
+    return digest.hexdigest()[:8]
+
+
 def onnx_cache_path(model: nn.Module, size: tuple[int, int] | None = None) -> Path:
-    """Where the export of this exact model is cached: keyed by its weights' checksum, the
-    exporter's version and torch's; ``size`` for an export fixed to another input size than
-    the one it is served at."""
+    """Where the export of this exact model is cached: keyed by its weights' checksum, its
+    code (:func:`code_digest`), the exporter's version and torch's; ``size`` for an export
+    fixed to another input size than the one it is served at."""
     digest = model.config.get("sha256", {}).get(zoo.WEIGHTS_FILE, "unversioned")[:16]
     name = Path(model.config.get("id", "model")).name
     at = f"-{size[0]}x{size[1]}" if size else ""
-    return (package_cache() / "onnx" / f"{name}-{digest}{at}-v{EXPORT_VERSION}"
-            f"-torch{torch.__version__.split('+')[0]}.onnx")
+    return (package_cache() / "onnx" / f"{name}-{digest}{at}-{code_digest(model)}"
+            f"-v{EXPORT_VERSION}-torch{torch.__version__.split('+')[0]}.onnx")
 
 
 def ort_session(path: Path, threads: int, spinning: bool):

@@ -53,7 +53,7 @@ from torch import nn
 from dense import hardware, zoo
 from dense.data import package_cache
 from dense.serve.backends import EXPORT_BACKENDS, cpu_candidates
-from dense.serve.export import EXPORT_VERSION, export_forward, served_size
+from dense.serve.export import EXPORT_VERSION, code_digest, export_forward, served_size
 
 __all__ = ["CAP_MS", "Choice", "cache_path", "choice_key", "machine_key", "measure_backend",
            "measuring", "time_round_robin"]
@@ -202,17 +202,18 @@ def _version(package: str) -> str:
 
 
 def choice_key(config: dict, size: tuple[int, int], device: torch.device | str,
-               threads: int, candidates: list[str] | None = None) -> str:
+               threads: int, candidates: list[str] | None = None, code: str = "") -> str:
     """A model's key within its machine's entry: id, weights checksum, the input size timed,
-    device, threads, the candidates, onnxruntime's spinning setting, the exporter's version and
-    the versions of the runtimes (a new candidate, runtime or export, or spinning threads, may
-    change the winner)."""
+    device, threads, the candidates, onnxruntime's spinning setting, the model's code
+    (``code``: :func:`dense.serve.export.code_digest`), the exporter's version and the versions
+    of the runtimes (a new candidate, runtime, graph or export, or spinning threads, may change
+    the winner)."""
     digest = config.get("sha256", {}).get(zoo.WEIGHTS_FILE, "unversioned")[:16]
     versions = " ".join(f"{p}={_version(p)}" for p in ("torch", "onnxruntime", "openvino"))
     spinning = os.environ.get("DENSE_ORT_SPINNING", "0")
     return (f"{config.get('id', 'model')}@{digest} {size[0]}x{size[1]} {device} "
             f"threads={threads} candidates={','.join(candidates or [])} spinning={spinning} "
-            f"export=v{EXPORT_VERSION} {versions}")
+            f"code={code} export=v{EXPORT_VERSION} {versions}")
 
 
 @contextlib.contextmanager
@@ -325,7 +326,7 @@ def measure_backend(model: nn.Module, device: torch.device, rule: str
         return Choice(rule, "rule", note="the only candidate"), None
     size = served_size(config) or (DYNAMIC_SIDE, DYNAMIC_SIDE)
     threads = torch.get_num_threads()
-    key = choice_key(config, size, device, threads, candidates)
+    key = choice_key(config, size, device, threads, candidates, code_digest(model))
     entry = machine_choices().get(key)
     if entry and entry.get("backend") in candidates:
         return _choice(entry, cached=True), None

@@ -67,10 +67,11 @@ def get_model(name: str) -> nn.Module:
 # its full tile, whose first ×4 request took 42 s instead of 13 s without this), and so that
 # their backends are measured (dense.serve.measure) while no browser is drawing on the same
 # cores: the live models first (the webcam's default, then BlazePose), then the photo tabs'
-# defaults, the Restore tab's last.
+# defaults, the Restore tab's last (its ×4 and deblurring defaults, then its ×2 model: a first
+# ×2 request on a fresh machine took 22 s when it was not warmed).
 WARM_MODELS = ("movenet-multipose", "blazepose-detector", "blazepose-lite", "blazepose-full",
                "everyday", "yolox-nano", "tinypose-256x192", "selfie-seg", "unet-camvid",
-               "unet-sr-x4", "unet-deblur")
+               "unet-sr-x4", "unet-deblur", "unet-sr-x2")
 
 
 def warm_up(names: tuple[str, ...] = WARM_MODELS) -> None:
