@@ -89,8 +89,8 @@ def concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Written as one interleaving copy (``stack`` on a new axis after the channels) instead of
     a concatenation followed by a transposed copy: the same values, one copy instead of two. When
     ``b`` (a conv output) is channels_last, the interleave is done on the channel axis of the
-    NHWC storage so that the result stays channels_last (a layout choice only; the values and
-    the ONNX graph do not depend on it).
+    NHWC storage so that the result stays channels_last (a layout choice only: the values do
+    not depend on it; a trace would, so dense.serve.export traces the NCHW module).
     """
     if b.is_contiguous(memory_format=torch.channels_last) and b.shape[1] > 1:
         nhwc = torch.stack([a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)], dim=-1)
