@@ -339,7 +339,7 @@ def test_fixture_is_what_ncnn_gives(model_id: str) -> None:
 
 def test_the_export_is_the_nchw_graph_whatever_format_the_model_is_served_in(tmp_path) -> None:
     """The interleave branches on the memory format; a channels_last trace was 147 Transposes
-    longer and 1.5-1.9× slower in OpenVINO, so the exporter always traces the NCHW module."""
+    longer and took 1.4-1.7× as long in OpenVINO, so the exporter always traces the NCHW module."""
     import onnx
 
     from dense.serve.export import export_onnx

@@ -94,7 +94,7 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = Non
     # A trace follows the module's code, and code may branch on the memory format (TinyPose's
     # interleave does): the NCHW module is exported whatever format it is served in, so that
     # one model always gives one graph. TinyPose's channels_last trace (147 Transposes more)
-    # ran 1.5-1.9× slower in OpenVINO.
+    # took 1.4-1.7× as long in OpenVINO (fp32).
     channels_last = any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
     model = model.eval().cpu().to(memory_format=torch.contiguous_format)
     try:
@@ -164,10 +164,9 @@ def _file_digest(path: str) -> bytes:
 
 def code_digest(model: nn.Module) -> str:
     """A digest of dense's source files that define ``model``'s modules (its class and every
-    submodule's). An export is a trace of that code, so a change to it must not be served
-    from an export of the old code: a cached TinyPose export traced during an experiment (a
-    transpose-based channel shuffle) kept being served after the code went back, 1.3-1.6× slower
-    than the current graph, because only the weights and the exporter's version were keyed."""
+    submodule's). An export is a trace of that code, so a change to it must not be served from
+    an export of the old code; keying by the weights and the exporter's version alone left that
+    to raising :data:`EXPORT_VERSION` by hand at every change of a model's code."""
     # dense's own files only: torch's are keyed by its version.
     files = sorted({sys.modules[type(m).__module__].__file__ or "" for m in model.modules()
                     if type(m).__module__.startswith("dense.")})
