@@ -121,6 +121,25 @@ def litert_peer(model_id: str, x: torch.Tensor, threads: int) -> Callable[[], ob
     return lambda: runtime(nhwc)
 
 
+def litert_scores_peer(model_id: str, x: torch.Tensor, threads: int
+                       ) -> Callable[[], object] | None:
+    """MOSAIC in LiteRT doing what our contract does: the original file's output pointed at the
+    uint8 score maps before its ARG_MAX (``resize_logits``), dequantised to N×32×512×512 float
+    (NumPy; equal to ours bit for bit), returned as an N×C×H×W view of LiteRT's NHWC memory
+    (no copy, which favours the peer). LiteRT's own graph stops at the labels: less work."""
+    if model_id != "mosaic-ade31" or x.shape[0] != 1:
+        return None
+    from dense.convert import mosaic as convert_mosaic
+    from dense.data import upstream_file
+
+    runtime = convert_mosaic.LiteRT(upstream_file(convert_mosaic.UPSTREAM), num_threads=threads,
+                                    output=convert_mosaic.SCORES)
+    (detail,) = runtime.interpreter.get_output_details()
+    scale, zero_point = (np.float32(v) for v in detail["quantization"])
+    image = np.clip(np.round(x.permute(0, 2, 3, 1).numpy() * 255), 0, 255).astype(np.uint8)
+    return lambda: ((runtime(image).astype(np.float32) - zero_point) * scale).transpose(0, 3, 1, 2)
+
+
 def ncnn_peer(model_id: str, x: torch.Tensor, threads: int, bf16: bool = False
               ) -> Callable[[], object] | None:
     """ncnn on the original .param/.bin, in fp32 or with bf16 storage (ncnn's reduced precision
@@ -274,6 +293,7 @@ def bench_models(ids: list[str], sizes: list[tuple[int, int]] | None = None, run
             if peers and dev.type == "cpu":
                 for name, call in (
                         ("ai-edge-litert", litert_peer(model_id, x, threads)),
+                        ("ai-edge-litert (same scores)", litert_scores_peer(model_id, x, threads)),
                         ("ncnn", ncnn_peer(model_id, x, threads)),
                         ("ncnn (bf16 storage)", ncnn_peer(model_id, x, threads, bf16=True)),
                         ("ncnn", tinypose_ncnn_peer(model_id, x, threads)),

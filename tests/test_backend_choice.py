@@ -151,14 +151,18 @@ def test_a_change_to_a_models_code_is_a_new_export_and_a_new_measurement(
     from dense.nn import upsample
     from dense.serve import export
 
-    layer = upsample.PixelShuffle(4, 4, 2)
+    layer = nn.Sequential(upsample.PixelShuffle(4, 4, 2))  # dense's code in a submodule only
     layer.config = Tiny().config
     digest, path = export.code_digest(layer), export.onnx_cache_path(layer)
-    assert digest in path.name and export.code_digest(Tiny()) != digest  # torch's files: no part
+    # Tiny is this file's class and torch's: none of dense's code, another digest.
+    assert digest in path.name and export.code_digest(Tiny()) != digest
     edited = export._file_digest  # the same files, one of them edited
     monkeypatch.setattr(export, "_file_digest", lambda f: edited(f) + (
         b"edit" if f == upsample.__file__ else b""))
     assert export.code_digest(layer) != digest and export.onnx_cache_path(layer) != path
+    monkeypatch.setattr(export, "_file_digest", edited)
+    layer.config = {**layer.config, "arch_args": {"graph": [1]}}  # a port's graph description
+    assert export.code_digest(layer) != digest
 
     bench({"openvino": 3.0, "onnxruntime": 1.0, "channels_last": 5.0})
     monkeypatch.setattr(measure, "code_digest", lambda model: "before")

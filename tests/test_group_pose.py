@@ -58,7 +58,9 @@ def test_group_pipeline_finds_each_person_with_keypoints_inside_their_box(group)
 
 def test_group_pipeline_finds_a_family_around_the_television(group) -> None:
     people = group.estimate(read_image(EXAMPLES / "family_tv.jpg").rgb)
-    assert len(people) >= 5  # five people: sitting, lying on the floor, on the sofa
+    # Five people (sitting, lying on the floor, on the sofa); the two boys in front of the
+    # fireplace overlap, and one of them is found twice.
+    assert 5 <= len(people) <= 6
 
 
 def test_max_people_and_an_empty_photo(group) -> None:

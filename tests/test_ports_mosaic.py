@@ -345,6 +345,18 @@ def test_port_matches_litert_live(model, tflite_file, photo_set):
 
 
 @pytest.mark.runtime
+def test_the_like_for_like_litert_peer_returns_our_scores(model, tflite_file):
+    """`dense bench --peers`' second LiteRT row computes what our contract returns."""
+    from dense.bench import litert_scores_peer
+
+    x = as_tensor(photo_uint8(photo_path("examples", "family_tv.jpg")))
+    scores = litert_scores_peer(MODEL_ID, x, threads=2)()
+    assert scores.shape == (1, 32, 512, 512) and scores.dtype == np.float32
+    assert np.array_equal(scores, run(model, photo_uint8(photo_path("examples",
+                                                                   "family_tv.jpg")))[None])
+
+
+@pytest.mark.runtime
 def test_regenerate_fixtures(tflite_file):
     """Rewrite the LiteRT fixtures (only with DENSE_REGENERATE_FIXTURES=1)."""
     if os.environ.get("DENSE_REGENERATE_FIXTURES") != "1":

@@ -351,3 +351,23 @@ def test_the_export_is_the_nchw_graph_whatever_format_the_model_is_served_in(tmp
     assert served == ops and "Transpose" not in ops
     conv = next(p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1)
     assert conv.is_contiguous(memory_format=torch.channels_last)  # served format restored
+
+
+def test_the_export_gives_each_tensor_its_storage_back(tmp_path) -> None:
+    """Buffers too (MOSAIC's weights are buffers): .to() replaces them, and they come back."""
+    from dense.serve.export import export_onnx
+
+    class WithBuffer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("weight", torch.rand(2, 3, 3, 3).contiguous(
+                memory_format=torch.channels_last))
+            self.config = {"id": "with-buffer", "input": {"size": [8, 8]}}
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.conv2d(x, self.weight)
+
+    model = WithBuffer()
+    buffer = model.weight
+    export_onnx(model, tmp_path / "m.onnx")
+    assert model.weight is buffer and buffer.is_contiguous(memory_format=torch.channels_last)

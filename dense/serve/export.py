@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import json
 import os
 import sys
 import threading
@@ -94,14 +95,23 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = Non
     # A trace follows the module's code, and code may branch on the memory format (TinyPose's
     # interleave does): the NCHW module is exported whatever format it is served in, so that
     # one model always gives one graph. TinyPose's channels_last trace (147 Transposes more)
-    # took 1.4-1.7× as long in OpenVINO (fp32).
-    channels_last = any(p.dim() == 4 and not p.is_contiguous() for p in model.parameters())
-    model = model.eval().cpu().to(memory_format=torch.contiguous_format)
+    # took 1.4-1.7× as long in OpenVINO (fp32). Each tensor gets its own storage back after
+    # (parameters and buffers: MOSAIC's weights are buffers), so the model is briefly NCHW and
+    # must not be running elsewhere meanwhile (serving exports a model before it publishes it).
+    if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
+        raise ValueError("export_onnx takes a model on the CPU")
+    # .to() swaps a parameter's data but replaces a buffer: each is put back its own way.
+    parameters = [(p, p.data) for p in model.parameters()]
+    buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items()
+               if b is not None]
+    model.eval().to(memory_format=torch.contiguous_format)
     try:
         return _export_nchw(model, path, size, opset)
     finally:
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
+        for parameter, data in parameters:
+            parameter.data = data
+        for module, name, buffer in buffers:
+            module._buffers[name] = buffer
 
 
 def _export_nchw(model: nn.Module, path: Path, size: tuple[int, int] | None, opset: int
@@ -164,15 +174,23 @@ def _file_digest(path: str) -> bytes:
 
 def code_digest(model: nn.Module) -> str:
     """A digest of dense's source files that define ``model``'s modules (its class and every
-    submodule's). An export is a trace of that code, so a change to it must not be served from
-    an export of the old code; keying by the weights and the exporter's version alone left that
-    to raising :data:`EXPORT_VERSION` by hand at every change of a model's code."""
-    # dense's own files only: torch's are keyed by its version.
-    files = sorted({sys.modules[type(m).__module__].__file__ or "" for m in model.modules()
-                    if type(m).__module__.startswith("dense.")})
-    digest = hashlib.sha256()
-    for path in filter(None, files):
-        digest.update(_file_digest(path))
+    submodule's, and their bases) and of its config's ``arch_args``. An export is a trace of
+    that code, so a change to it must not be served from an export of the old code; keying by
+    the weights and the exporter's version alone left that to raising :data:`EXPORT_VERSION` by
+    hand. Helper functions a forward calls from other files are not covered: such a change
+    still needs :data:`EXPORT_VERSION` raised."""
+    # dense's own classes only (torch's are keyed by its version), their bases included; and
+    # the graph description the TFLite and TF.js ports are built from, which is no weight.
+    classes = {c for m in model.modules() for c in type(m).__mro__
+               if c.__module__.startswith("dense.")}
+    digest = hashlib.sha256(json.dumps(getattr(model, "config", {}).get("arch_args"),
+                                       sort_keys=True, default=str).encode())
+    for name in sorted({c.__module__ for c in classes}):
+        path = getattr(sys.modules.get(name), "__file__", None)
+        try:
+            digest.update(_file_digest(path) if path else name.encode())
+        except OSError:  # no source beside the module (a sourceless install): its name
+            digest.update(name.encode())
     return digest.hexdigest()[:8]
 
 
@@ -300,7 +318,8 @@ def export_forward(model: nn.Module, runtime: str = "onnxruntime"
 
     The export is written once per model version (cached by weights checksum) and checked
     against PyTorch (with onnxruntime) before it is used; the serving runtime's own result is
-    checked again here. ``model`` itself is left as it is: inputs the export does not cover
+    checked again here. ``model`` itself is left as it is (briefly NCHW while it is traced, see
+    :func:`export_onnx`, so it must not be running elsewhere then): inputs the export does not cover
     (another size, a gradient, a GPU tensor) are passed to ``model``'s own forward, whatever
     memory format its weights are in when that call comes (channels_last, as served).
     """

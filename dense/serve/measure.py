@@ -202,7 +202,7 @@ def _version(package: str) -> str:
 
 
 def choice_key(config: dict, size: tuple[int, int], device: torch.device | str,
-               threads: int, candidates: list[str] | None = None, code: str = "") -> str:
+               threads: int, candidates: list[str] | None = None, *, code: str) -> str:
     """A model's key within its machine's entry: id, weights checksum, the input size timed,
     device, threads, the candidates, onnxruntime's spinning setting, the model's code
     (``code``: :func:`dense.serve.export.code_digest`), the exporter's version and the versions
@@ -326,7 +326,7 @@ def measure_backend(model: nn.Module, device: torch.device, rule: str
         return Choice(rule, "rule", note="the only candidate"), None
     size = served_size(config) or (DYNAMIC_SIDE, DYNAMIC_SIDE)
     threads = torch.get_num_threads()
-    key = choice_key(config, size, device, threads, candidates, code_digest(model))
+    key = choice_key(config, size, device, threads, candidates, code=code_digest(model))
     entry = machine_choices().get(key)
     if entry and entry.get("backend") in candidates:
         return _choice(entry, cached=True), None
