@@ -93,3 +93,31 @@ def test_a_slow_first_load_does_not_block_models_already_loaded(monkeypatch) -> 
     assert results and z.cached_load("waifu2x-photo-x2", "cpu") is results[0]
 
 
+
+
+@pytest.mark.parametrize(("architecture", "within"), [("mosaic", "1"), ("unet", None)])
+def test_onnxruntime_threads_spin_within_calls_for_photo_only_graphs(
+        monkeypatch, tmp_path: Path, architecture: str, within: str | None) -> None:
+    """MOSAIC's threads busy-wait within a call and stop at its end; other models' (the live
+    ones among them) never busy-wait, unless DENSE_ORT_SPINNING=1."""
+    pytest.importorskip("onnxruntime")
+    from dense.serve import export
+
+    monkeypatch.setenv("DENSE_PACKAGE_CACHE", str(tmp_path))
+    monkeypatch.delenv("DENSE_ORT_SPINNING", raising=False)
+    sessions = []
+    real = export.ort_session
+    monkeypatch.setattr(export, "ort_session",
+                        lambda *a, **k: sessions.append(real(*a, **k)) or sessions[-1])
+    model = torch.nn.Conv2d(3, 2, 3, padding=1).eval()
+    model.config = {"id": f"tiny-{architecture}", "architecture": architecture,
+                    "input": {"size": [8, 8]}}
+    forward = export.export_forward(model, "onnxruntime")
+    x = torch.rand(1, 3, 8, 8)
+    with torch.inference_mode():
+        assert torch.allclose(forward(x), model(x), atol=1e-5)
+    options = sessions[-1].get_session_options()
+    spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
+    assert spinning == ("1" if within else "0")
+    if within:
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"

@@ -205,17 +205,30 @@ def onnx_cache_path(model: nn.Module, size: tuple[int, int] | None = None) -> Pa
             f"-v{EXPORT_VERSION}-torch{torch.__version__.split('+')[0]}.onnx")
 
 
-def ort_session(path: Path, threads: int, spinning: bool):
+# Architectures served to photos only, never to a live stream, whose onnxruntime threads
+# busy-wait within a call (and stop at its end): MOSAIC's ~200 ops took 10-40% longer with its
+# threads falling asleep between them. Not for the live models: with the browser on the same
+# two cores, the webcam stream fell from 23.6 / 24.0 / 20.5 to 16.1 / 14.8 / 12.8 frames/s
+# (blazepose-lite / full / movenet-multipose forced onto onnxruntime, 2026-11-30).
+SPIN_WITHIN_CALLS = frozenset({"mosaic"})
+
+
+def ort_session(path: Path, threads: int, spinning: bool, within_calls: bool = False):
     """An onnxruntime CPU session on ``path`` with ``threads`` intra-op threads.
 
     ``spinning``: let idle threads busy-wait between calls (onnxruntime's default). Faster for
     back-to-back calls on otherwise idle cores; the app turns it off (see _runner).
+    ``within_calls``: busy-wait within a call only, and stop at its end (no CPU time taken
+    after it: 0.1 ms in the 100 ms after a MOSAIC call, against 40.5 ms with ``spinning``).
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    spin = spinning or within_calls
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if within_calls and not spinning:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -262,7 +275,8 @@ def openvino_model(path: Path, threads: int, batch: int, size: tuple[int, int] |
 OPENVINO_BATCHES = (8, 1)
 
 
-def _runner(runtime: str, path: Path, threads: int, size: tuple[int, int] | None) -> Callable:
+def _runner(runtime: str, path: Path, threads: int, size: tuple[int, int] | None,
+            spin_within_calls: bool = False) -> Callable:
     """A function ``numpy batch -> list of numpy outputs`` (in the export's output order) on
     the export at ``path``. Safe to call from several threads (the app serves requests in
     parallel)."""
@@ -272,7 +286,8 @@ def _runner(runtime: str, path: Path, threads: int, size: tuple[int, int] | None
         # went from 13-15 to 24 frames/s without it, at 20-40% more latency per isolated call
         # (docs/benchmarks.md). DENSE_ORT_SPINNING=1 turns it back on for batch jobs.
         session = ort_session(path, threads,
-                              spinning=os.environ.get("DENSE_ORT_SPINNING", "0") == "1")
+                              spinning=os.environ.get("DENSE_ORT_SPINNING", "0") == "1",
+                              within_calls=spin_within_calls)
         return lambda x: session.run(None, {"image": x})
     if runtime not in OPENVINO_PRECISION:
         raise ValueError(f"no runtime '{runtime}' for ONNX exports")
@@ -343,7 +358,8 @@ def export_forward(model: nn.Module, runtime: str = "onnxruntime"
             partial.unlink(missing_ok=True)
             raise
         partial.replace(path)  # atomic: a half-written export is never used
-    run = _runner(runtime, path, torch.get_num_threads(), size)
+    run = _runner(runtime, path, torch.get_num_threads(), size,
+                  spin_within_calls=model.config.get("architecture") in SPIN_WITHIN_CALLS)
     x = example_input(model, size=size)
     with torch.inference_mode():
         out = model(x)
