@@ -87,7 +87,7 @@ def person_crops(photos: list[Path], size: tuple[int, int]) -> list[np.ndarray]:
         with torch.inference_mode():
             out = yolox(torch.from_numpy(batch([letterbox(image, (416, 416))])))[0].numpy()
         boxes = yolox_boxes(out)
-        for x0, y0, x1, y1, _ in boxes[boxes[:, 4] > 0.4] / [scale] * 4 + [0, 0, 0, 0, 0]:
+        for x0, y0, x1, y1 in boxes[boxes[:, 4] > 0.4, :4] / scale:  # back to photo pixels
             matrix = crop_affine(np.array([x0, y0, x1 - x0, y1 - y0]), size)
             crops.append(cv2.warpAffine(image, matrix, (size[1], size[0]),
                                         flags=cv2.INTER_LINEAR))
@@ -118,18 +118,19 @@ def inputs(model_id: str, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray
     return batch(calibration), batch(evaluation)
 
 
-def points(model_id: str, outs: list[np.ndarray], size: tuple[int, int]
+def points(model_id: str, outs: list[np.ndarray], names: list[str], size: tuple[int, int]
            ) -> tuple[np.ndarray, np.ndarray]:
-    """(N×K×2 points at a 256-pixel scale, N×K confidences) of a model's outputs."""
+    """(N×K×2 points at a 256-pixel scale, N×K confidences) of a model's outputs (``names``:
+    the export's output names, in its order)."""
     scale = 256 / max(size)
     if model_id.startswith("tinypose"):
         peaks = decode_peaks(torch.from_numpy(np.ascontiguousarray(outs[0])))
         return peaks[..., :2] * 4 * scale, peaks[..., 2]  # maps are a quarter of the crop
     if model_id.startswith("blazepose-") and model_id != "blazepose-detector":
-        landmarks = outs[0][:, :33]
+        landmarks = outs[names.index("landmarks")][:, :33]
         return landmarks[..., :2] * scale, np.ones(landmarks.shape[:2])
     if model_id == "blazepose-detector":
-        regressors, scores = outs
+        regressors, scores = outs[names.index("regressors")], outs[names.index("scores")]
         confidence = 1 / (1 + np.exp(-np.clip(scores, -100, 100)))
         return (regressors.reshape(*regressors.shape[:2], 6, 2) * scale,
                 np.repeat(confidence[..., None], 6, -1))
@@ -188,10 +189,15 @@ def trial(model_id: str) -> None:
                     per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8)
     ort_fp32, ort_int8 = ort_session(onnx, 2, False), ort_session(qdq, 2, False)
+    names = [o.name for o in ort_fp32.get_outputs()]
 
     def openvino_call(compiled):
         request = compiled.create_infer_request()
-        return lambda x: [request.infer({0: x})[o] for o in compiled.outputs]
+
+        def call(x: np.ndarray) -> list[np.ndarray]:
+            result = request.infer({0: x})
+            return [result[o] for o in compiled.outputs]
+        return call
 
     calls = {"openvino fp32": openvino_call(openvino_fp32),
              "openvino int8 (nncf)": openvino_call(nncf_int8),
@@ -200,7 +206,7 @@ def trial(model_id: str) -> None:
     # onnxruntime fp32 is the reference: served OpenVINO outputs may come out channels-last.
     reference = [np.concatenate(o) for o in zip(*[calls["onnxruntime fp32"](e[None])
                                                   for e in evaluation], strict=True)]
-    ref_points, ref_confidence = points(model_id, reference, size)
+    ref_points, ref_confidence = points(model_id, reference, names, size)
     confident = ref_confidence >= 0.3
     times = medians_ms(calls, evaluation[:1])
     for name in calls:
@@ -208,7 +214,7 @@ def trial(model_id: str) -> None:
         if "int8" in name:
             outs = [np.concatenate(o)
                     for o in zip(*[calls[name](e[None]) for e in evaluation], strict=True)]
-            got, confidence = points(model_id, outs, size)
+            got, confidence = points(model_id, outs, names, size)
             move = np.linalg.norm(got - ref_points, axis=-1)[confident]
             line += (f"  points move p95 {np.percentile(move, 95):.1f} px, max {move.max():.1f}"
                      f" px, scores up to {np.abs(confidence - ref_confidence)[confident].max():.2f}"
