@@ -284,7 +284,8 @@ def _runner(runtime: str, path: Path, threads: int, size: tuple[int, int] | None
         # No busy-waiting between calls by default: in the app the same cores also decode, draw
         # and encode (and may run the browser), and spinning threads take their time: live pose
         # went from 13-15 to 24 frames/s without it, at 20-40% more latency per isolated call
-        # (docs/benchmarks.md). DENSE_ORT_SPINNING=1 turns it back on for batch jobs.
+        # (docs/benchmarks.md). DENSE_ORT_SPINNING=1 turns it back on for batch jobs. Photo-only
+        # graphs spin within their calls (SPIN_WITHIN_CALLS).
         session = ort_session(path, threads,
                               spinning=os.environ.get("DENSE_ORT_SPINNING", "0") == "1",
                               within_calls=spin_within_calls)

@@ -53,7 +53,13 @@ from torch import nn
 from dense import hardware, zoo
 from dense.data import package_cache
 from dense.serve.backends import EXPORT_BACKENDS, cpu_candidates
-from dense.serve.export import EXPORT_VERSION, code_digest, export_forward, served_size
+from dense.serve.export import (
+    EXPORT_VERSION,
+    SPIN_WITHIN_CALLS,
+    code_digest,
+    export_forward,
+    served_size,
+)
 
 __all__ = ["CAP_MS", "Choice", "cache_path", "choice_key", "machine_key", "measure_backend",
            "measuring", "time_round_robin"]
@@ -211,6 +217,8 @@ def choice_key(config: dict, size: tuple[int, int], device: torch.device | str,
     digest = config.get("sha256", {}).get(zoo.WEIGHTS_FILE, "unversioned")[:16]
     versions = " ".join(f"{p}={_version(p)}" for p in ("torch", "onnxruntime", "openvino"))
     spinning = os.environ.get("DENSE_ORT_SPINNING", "0")
+    if config.get("architecture") in SPIN_WITHIN_CALLS:  # its sessions spin within calls
+        spinning += "+within-calls"
     return (f"{config.get('id', 'model')}@{digest} {size[0]}x{size[1]} {device} "
             f"threads={threads} candidates={','.join(candidates or [])} spinning={spinning} "
             f"code={code} export=v{EXPORT_VERSION} {versions}")
