@@ -213,6 +213,15 @@ def onnx_cache_path(model: nn.Module, size: tuple[int, int] | None = None) -> Pa
 SPIN_WITHIN_CALLS = frozenset({"mosaic"})
 
 
+def ort_spinning(config: dict) -> str:
+    """How the served onnxruntime sessions of the model with this ``config`` busy-wait:
+    ``calls`` (between calls too: DENSE_ORT_SPINNING=1, for batch jobs), ``within`` (within a
+    call only: SPIN_WITHIN_CALLS) or ``off``."""
+    if os.environ.get("DENSE_ORT_SPINNING", "0") == "1":
+        return "calls"
+    return "within" if config.get("architecture") in SPIN_WITHIN_CALLS else "off"
+
+
 def ort_session(path: Path, threads: int, spinning: bool, within_calls: bool = False):
     """An onnxruntime CPU session on ``path`` with ``threads`` intra-op threads.
 
@@ -276,19 +285,18 @@ OPENVINO_BATCHES = (8, 1)
 
 
 def _runner(runtime: str, path: Path, threads: int, size: tuple[int, int] | None,
-            spin_within_calls: bool = False) -> Callable:
+            spinning: str = "off") -> Callable:
     """A function ``numpy batch -> list of numpy outputs`` (in the export's output order) on
     the export at ``path``. Safe to call from several threads (the app serves requests in
-    parallel)."""
+    parallel). ``spinning``: onnxruntime's, see :func:`ort_spinning`."""
     if runtime == "onnxruntime":
         # No busy-waiting between calls by default: in the app the same cores also decode, draw
         # and encode (and may run the browser), and spinning threads take their time: live pose
         # went from 13-15 to 24 frames/s without it, at 20-40% more latency per isolated call
         # (docs/benchmarks.md). DENSE_ORT_SPINNING=1 turns it back on for batch jobs. Photo-only
         # graphs spin within their calls (SPIN_WITHIN_CALLS).
-        session = ort_session(path, threads,
-                              spinning=os.environ.get("DENSE_ORT_SPINNING", "0") == "1",
-                              within_calls=spin_within_calls)
+        session = ort_session(path, threads, spinning=spinning == "calls",
+                              within_calls=spinning == "within")
         return lambda x: session.run(None, {"image": x})
     if runtime not in OPENVINO_PRECISION:
         raise ValueError(f"no runtime '{runtime}' for ONNX exports")
@@ -359,8 +367,7 @@ def export_forward(model: nn.Module, runtime: str = "onnxruntime"
             partial.unlink(missing_ok=True)
             raise
         partial.replace(path)  # atomic: a half-written export is never used
-    run = _runner(runtime, path, torch.get_num_threads(), size,
-                  spin_within_calls=model.config.get("architecture") in SPIN_WITHIN_CALLS)
+    run = _runner(runtime, path, torch.get_num_threads(), size, ort_spinning(model.config))
     x = example_input(model, size=size)
     with torch.inference_mode():
         out = model(x)

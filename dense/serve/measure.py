@@ -21,8 +21,8 @@ The cache (``package_cache()/backends.json``)::
      "machines": {"<CPU model name> | flags sha256:<12 hex>[ | ONEDNN_MAX_CPU_ISA=<cap>...]": {
          "cpu": "<model name>", "flags": "<sorted flags>"[, "caps": {"<variable>": "<cap>"}],
          "choices": {"<id>@<weights sha256, 16 hex> <H>x<W> cpu threads=<n>
-                      candidates=<backend>,<backend>... spinning=<0|1> export=v<n>
-                      torch=<v> onnxruntime=<v> openvino=<v>": {
+                      candidates=<backend>,<backend>... spinning=<off|within|calls>
+                      code=<digest> export=v<n> torch=<v> onnxruntime=<v> openvino=<v>": {
              "model": "<id>", "backend": "openvino", "how": "measured",
              "median_ms": {"openvino": 0.9, "onnxruntime": 2.4, "channels_last": 6.4},
              "failed": {}, "runs": 6, "input": [256, 256], "threads": 1,
@@ -55,9 +55,9 @@ from dense.data import package_cache
 from dense.serve.backends import EXPORT_BACKENDS, cpu_candidates
 from dense.serve.export import (
     EXPORT_VERSION,
-    SPIN_WITHIN_CALLS,
     code_digest,
     export_forward,
+    ort_spinning,
     served_size,
 )
 
@@ -216,11 +216,9 @@ def choice_key(config: dict, size: tuple[int, int], device: torch.device | str,
     the winner)."""
     digest = config.get("sha256", {}).get(zoo.WEIGHTS_FILE, "unversioned")[:16]
     versions = " ".join(f"{p}={_version(p)}" for p in ("torch", "onnxruntime", "openvino"))
-    spinning = os.environ.get("DENSE_ORT_SPINNING", "0")
-    if config.get("architecture") in SPIN_WITHIN_CALLS:  # its sessions spin within calls
-        spinning += "+within-calls"
     return (f"{config.get('id', 'model')}@{digest} {size[0]}x{size[1]} {device} "
-            f"threads={threads} candidates={','.join(candidates or [])} spinning={spinning} "
+            f"threads={threads} candidates={','.join(candidates or [])} "
+            f"spinning={ort_spinning(config)} "
             f"code={code} export=v{EXPORT_VERSION} {versions}")
 
 
@@ -409,10 +407,10 @@ def _measure(model: nn.Module, candidates: list[str], size: tuple[int, int], thr
     if not warmup:
         for backend in calls.keys() - warm:
             calls[backend]()
-    # Served onnxruntime sessions do not spin between calls (dense.serve.export._runner), so a
-    # short pause settles the threads; with DENSE_ORT_SPINNING=1 they do, and the bench's 0.2 s
-    # pause is needed.
-    settle = 0.2 if os.environ.get("DENSE_ORT_SPINNING", "0") == "1" else 0.02
+    # Served onnxruntime sessions do not spin between calls (dense.serve.export.ort_spinning),
+    # so a short pause settles the threads; with DENSE_ORT_SPINNING=1 they do, and the bench's
+    # 0.2 s pause is needed.
+    settle = 0.2 if ort_spinning(getattr(model, "config", {})) == "calls" else 0.02
     timed = time_round_robin(calls, runs=runs, warmup=warmup, rounds=2 if runs >= 4 else 1,
                              settle_s=settle, clock=clock, sleep=sleep)
     medians = {b: t["median_ms"] for b, t in timed.items()}
