@@ -371,3 +371,55 @@ def test_the_export_gives_each_tensor_its_storage_back(tmp_path) -> None:
     buffer = model.weight
     export_onnx(model, tmp_path / "m.onnx")
     assert model.weight is buffer and buffer.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("model_id", IDS)
+def test_the_unshuffled_form_is_the_same_function(model_id: str) -> None:
+    """The export's form (channel shuffles folded into the weights) gives the network's maps
+    on a real crop and on noise, to the reordering of each conv's sum."""
+    from dense.ports.tinypose_export import UnshuffledBlock
+    from dense.serve.export import export_module
+
+    model = bundled(model_id)
+    form = export_module(model)
+    crop = read_fixture(SOURCES[model_id])["crop"]
+    real = torch.from_numpy(crop.transpose(2, 0, 1).copy())[None].float() / 255
+    x = torch.cat([real, torch.rand_like(real)])
+    with torch.inference_mode():
+        torch.testing.assert_close(form(x), model(x), rtol=0, atol=1e-5)
+    blocks = [m for m in form.modules() if isinstance(m, UnshuffledBlock)]
+    assert len(blocks) == 48 and max(len(b.slices) for b in blocks) <= 16
+
+
+def test_the_export_traces_the_unshuffled_form(tmp_path, monkeypatch) -> None:
+    """No interleave left in the graph (it was a Reshape through five dimensions per block,
+    around which OpenVINO converted layouts: 16 ms against 11 at 256×192), and the form's
+    code is part of the export's key."""
+    import onnx
+
+    import dense.ports.tinypose_export as form
+    from dense.serve import export
+
+    model = zoo.load("tinypose-128x96", device="cpu")
+    ops = [n.op_type for n in onnx.load(export.export_onnx(model, tmp_path / "a.onnx")).graph.node]
+    assert "Reshape" not in ops and "Transpose" not in ops and ops.count("Conv") == 269
+    before = export.code_digest(model)
+    (tmp_path / "changed.py").write_text("# another version of the form\n")
+    monkeypatch.setattr(form, "__file__", str(tmp_path / "changed.py"))
+    assert export.code_digest(model) != before
+
+
+def test_reordered_convs_refuse_what_they_cannot_do() -> None:
+    from dense.ports.tinypose import Conv
+    from dense.ports.tinypose_export import reordered_conv, runs
+
+    depthwise = Conv(4, 4, 3, groups=4)
+    with pytest.raises(ValueError, match="depthwise"):
+        reordered_conv(depthwise, np.arange(4), np.arange(4)[::-1])
+    conv = Conv(4, 2, 1)
+    x = torch.rand(1, 4, 3, 3)
+    src, dst = np.array([2, 0, 3, 1]), np.array([1, 0])
+    with torch.inference_mode():
+        got = reordered_conv(conv, src, dst)(x[:, src])
+        torch.testing.assert_close(got, conv(x)[:, dst], rtol=0, atol=1e-6)
+    assert runs([(0, 3), (0, 4), (1, 0), (1, 1), (0, 0)]) == [(0, 3, 5), (1, 0, 2), (0, 0, 1)]
