@@ -95,11 +95,12 @@ def test_a_slow_first_load_does_not_block_models_already_loaded(monkeypatch) -> 
 
 
 
-@pytest.mark.parametrize(("architecture", "within"), [("mosaic", "1"), ("unet", None)])
+@pytest.mark.parametrize(("architecture", "within"), [
+    ("mosaic", "1"), ("yolox", "1"), ("unet", None), ("movenet_multipose", None)])
 def test_onnxruntime_threads_spin_within_calls_for_photo_only_graphs(
         monkeypatch, tmp_path: Path, architecture: str, within: str | None) -> None:
-    """MOSAIC's threads busy-wait within a call and stop at its end; other models' (the live
-    ones among them) never busy-wait, unless DENSE_ORT_SPINNING=1."""
+    """MOSAIC's and YOLOX's threads busy-wait within a call and stop at its end; other
+    models' (the live ones among them) never busy-wait, unless DENSE_ORT_SPINNING=1."""
     pytest.importorskip("onnxruntime")
     from dense.serve import export
 

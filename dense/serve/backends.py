@@ -63,11 +63,13 @@ EXPORT_RUNTIMES = {
     "srvgg": ("openvino_bf16",),
     # The ports of issues 19 and 20 (docs/benchmarks.md, 2026-11-30): MOSAIC's integer graph
     # as QLinearConv in onnxruntime (2.4× PyTorch; OpenVINO folds the requantisation into its
-    # weights and is not exact, so the export check refuses it); the others in OpenVINO
-    # (ESPNetv2 1.1-1.5×, YOLOX 2.3×, TinyPose 2.2-4.3×, MoveNet 2.1-2.5× PyTorch's fastest).
+    # weights and is not exact, so the export check refuses it); YOLOX in onnxruntime, its
+    # threads busy-waiting within a call (dense.serve.export.SPIN_WITHIN_CALLS: 8.9-9.0 ms,
+    # OpenVINO 9.7-10.0, 2× PyTorch's fastest); the others in OpenVINO (ESPNetv2 1.1-1.5×,
+    # TinyPose 2.5-5×, MoveNet 2.1-2.5× PyTorch's fastest).
     "mosaic": ("onnxruntime",),
     "espnetv2_seg": ("openvino", "onnxruntime"),
-    "yolox": ("openvino", "onnxruntime"),
+    "yolox": ("onnxruntime", "openvino"),
     "tinypose": ("openvino", "onnxruntime"),
     "movenet_multipose": ("openvino", "onnxruntime"),
     "movenet_singlepose": ("openvino", "onnxruntime"),

@@ -225,10 +225,13 @@ def onnx_cache_path(model: nn.Module, size: tuple[int, int] | None = None) -> Pa
 
 # Architectures served to photos only, never to a live stream, whose onnxruntime threads
 # busy-wait within a call (and stop at its end): MOSAIC's ~200 ops took 10-40% longer with its
-# threads falling asleep between them. Not for the live models: with the browser on the same
-# two cores, the webcam stream fell from 23.6 / 24.0 / 20.5 to 16.1 / 14.8 / 12.8 frames/s
-# (blazepose-lite / full / movenet-multipose forced onto onnxruntime, 2026-11-30).
-SPIN_WITHIN_CALLS = frozenset({"mosaic"})
+# threads falling asleep between them; YOLOX (the group photo's person boxes) 11.6-11.9 ms
+# against 8.9-9.0 (OpenVINO: 9.7-10.0); TinyPose 16.0-17.1 against 12.3-12.5 (OpenVINO, which
+# serves it: 11.6-11.9; two processes each, 2026-11-30, AMD EPYC Zen 4, 2 threads). Not for
+# the live models: with the browser on the same two cores, the webcam stream fell from 23.6 /
+# 24.0 / 20.5 to 16.1 / 14.8 / 12.8 frames/s (blazepose-lite / full / movenet-multipose
+# forced onto onnxruntime, 2026-11-30).
+SPIN_WITHIN_CALLS = frozenset({"mosaic", "yolox", "tinypose"})
 
 
 def ort_spinning(config: dict) -> str:
@@ -297,9 +300,10 @@ def openvino_model(path: Path, threads: int, batch: int, size: tuple[int, int] |
 # The batch sizes OpenVINO compiles a model for, largest first (its static shapes ran 13-37%
 # faster than a dynamic batch); other batches run as chunks of these. Compiling a size took
 # 1-2.6 s for PP-TinyPose, so a group photo with 3 people, then one with 5, then 11, each paid
-# it again; now a model is compiled at most twice. TinyPose per crop: 12.8 ms at batch 8,
-# 17.5 ms at batch 1 (2026-11-30, AMD EPYC Zen 4, 2 threads).
-OPENVINO_BATCHES = (8, 1)
+# it again; now a model is compiled at most twice. TinyPose 256×192 per crop, three processes:
+# 11.4-11.5 ms one by one, 9.5-9.7 at batch 2, 8.7-8.9 at batch 4, 8.9-9.3 at batch 8
+# (2026-11-30, AMD EPYC Zen 4, 2 threads): 4 is as fast as 8, and more photos fill it.
+OPENVINO_BATCHES = (4, 1)
 
 
 def _runner(runtime: str, path: Path, threads: int, size: tuple[int, int] | None,
