@@ -319,6 +319,28 @@ def test_live_against_ncnn_on_real_crops(model_id: str) -> None:
 
 
 @pytest.mark.runtime
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+@pytest.mark.parametrize("model_id", IDS)
+def test_served_export_against_ncnn_on_real_crops(model_id: str, runtime: str,
+                                                   monkeypatch, tmp_path: Path) -> None:
+    """What the app runs (the unshuffled export in OpenVINO or onnxruntime, in batches of the
+    compiled sizes) is within the issue's bound of ncnn on every real crop."""
+    pytest.importorskip("ncnn", reason="ncnn is not installed (requirements-runtimes.txt)")
+    pytest.importorskip(runtime)
+    upstream_or_skip(model_id)
+    from dense.serve.export import export_forward
+
+    monkeypatch.setenv("DENSE_PACKAGE_CACHE", str(tmp_path))
+    source = SOURCES[model_id]
+    crops = real_crops(source.size, data_root())
+    forward = export_forward(bundled(model_id), runtime)
+    per_crop = fidelity(forward, source, crops)
+    worst = max(max(diffs.values()) for diffs in per_crop.values())
+    print(f"{model_id} {runtime}: {len(crops)} crops, worst {worst:.3g}")
+    assert worst <= MAX_ABS_DIFF
+
+
+@pytest.mark.runtime
 @pytest.mark.parametrize("model_id", IDS)
 def test_fixture_is_what_ncnn_gives(model_id: str) -> None:
     """Remake the fixture as ``python -m dense.convert.tinypose --fixtures`` does (and
