@@ -410,7 +410,24 @@ def test_the_unshuffled_form_is_the_same_function(model_id: str) -> None:
     with torch.inference_mode():
         torch.testing.assert_close(form(x), model(x), rtol=0, atol=1e-5)
     blocks = [m for m in form.modules() if isinstance(m, UnshuffledBlock)]
-    assert len(blocks) == 48 and max(len(b.slices) for b in blocks) <= 16
+    assert len(blocks) == 48 and max(len(b.slices) for b in blocks) == 14
+
+
+def test_the_unshuffled_form_holds_for_other_widths_and_depths() -> None:
+    """Odd halves, three blocks a branch, other module counts: random weights, any size."""
+    from dense.ports.tinypose import TinyPose
+    from dense.ports.tinypose_export import UnshuffledTinyPose
+
+    torch.manual_seed(0)
+    model = TinyPose(stem_channels=8, channels=(6, 10, 14, 18), modules=(2, 1, 1), blocks=3,
+                     num_keypoints=5).eval()
+    for p in model.parameters():  # BatchNorm-folded biases are not zero
+        p.data.normal_(0, 0.3)
+    x = torch.rand(3, 3, 96, 64)
+    with torch.inference_mode():
+        want = model(x)
+        torch.testing.assert_close(UnshuffledTinyPose(model)(x), want, rtol=1e-5,
+                                   atol=1e-5 * float(want.abs().max()))
 
 
 def test_the_export_traces_the_unshuffled_form(tmp_path, monkeypatch) -> None:
@@ -433,7 +450,7 @@ def test_the_export_traces_the_unshuffled_form(tmp_path, monkeypatch) -> None:
 
 def test_reordered_convs_refuse_what_they_cannot_do() -> None:
     from dense.ports.tinypose import Conv
-    from dense.ports.tinypose_export import reordered_conv, runs
+    from dense.ports.tinypose_export import concat_slices, reordered_conv
 
     depthwise = Conv(4, 4, 3, groups=4)
     with pytest.raises(ValueError, match="depthwise"):
@@ -444,4 +461,5 @@ def test_reordered_convs_refuse_what_they_cannot_do() -> None:
     with torch.inference_mode():
         got = reordered_conv(conv, src, dst)(x[:, src])
         torch.testing.assert_close(got, conv(x)[:, dst], rtol=0, atol=1e-6)
-    assert runs([(0, 3), (0, 4), (1, 0), (1, 1), (0, 0)]) == [(0, 3, 5), (1, 0, 2), (0, 0, 1)]
+    assert concat_slices([(0, 3), (0, 4), (1, 0), (1, 1), (0, 0)]) == [
+        (0, 3, 5), (1, 0, 2), (0, 0, 1)]

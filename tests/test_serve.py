@@ -118,6 +118,7 @@ def test_onnxruntime_threads_spin_within_calls_for_photo_only_graphs(
     with torch.inference_mode():
         assert torch.allclose(forward(x), model(x), atol=1e-5)
     options = sessions[-1].get_session_options()
+    assert export.ort_spinning({"architecture": "tinypose"}) == "within"
     spinning = options.get_session_config_entry("session.intra_op.allow_spinning")
     assert spinning == ("1" if within else "0")
     if within:

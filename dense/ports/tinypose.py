@@ -90,7 +90,9 @@ def concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a concatenation followed by a transposed copy: the same values, one copy instead of two. When
     ``b`` (a conv output) is channels_last, the interleave is done on the channel axis of the
     NHWC storage so that the result stays channels_last (a layout choice only: the values do
-    not depend on it; a trace would, so dense.serve.export traces the NCHW module).
+    not depend on it). Our ONNX export has no interleave at all: it traces
+    :class:`dense.ports.tinypose_export.UnshuffledTinyPose`, where the shuffles are folded
+    into the weights.
     """
     if b.is_contiguous(memory_format=torch.channels_last) and b.shape[1] > 1:
         nhwc = torch.stack([a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)], dim=-1)
@@ -103,7 +105,9 @@ def add_upsampled(y: torch.Tensor, small: torch.Tensor, factor: int) -> torch.Te
     seen as blocks of factor×factor pixels plus ``small`` broadcast over each block.
 
     PyTorch's upsample_nearest2d on the 40-channel maps took ~0.6 ms a call here (it copied
-    its input twice), over a quarter of the network's time at 1 thread; this is one pass.
+    its input twice), over a quarter of the network's time at 1 thread; this is one pass. (The
+    export uses ``F.interpolate``, which OpenVINO fuses with the add: ``NearestUpsample`` in
+    :mod:`dense.ports.tinypose_export`.)
     """
     h, w = small.shape[-2:]
     blocks = y.unflatten(3, (w, factor)).unflatten(2, (h, factor))

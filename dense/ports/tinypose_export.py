@@ -4,8 +4,9 @@ Why: every shuffle block of :class:`~dense.ports.tinypose.TinyPose` ends in Shuf
 interleave (``concat_shuffle``: channels a0, b0, a1, b1, ...). OpenVINO runs its convolutions
 in blocked or channels-last layouts, and the interleave (a reshape and transpose through five
 dimensions) made it convert layouts around each of the 49 interleaves: reorders took a third of
-the network's time, and the 256×192 graph ran in 16 ms against ncnn's 13.5 on the 2-core EPYC
-of docs/benchmarks.md. This form of it, with no interleave left, runs in 11 ms there.
+the network's time, and the 256×192 graph ran in 15.4-16.0 ms against ncnn's 13.5 on the
+2-core EPYC of docs/benchmarks.md. This form of it, with no interleave left, runs in 11.0-11.4
+ms there.
 
 How: a tensor's channels need not be stored in the network's order. Each tensor here has an
 ``order``: ``order[j]`` is the channel of the original network stored at position ``j``. A
@@ -13,7 +14,7 @@ convolution reads any order (its input weights are permuted to match) and writes
 (its output rows permuted); a depthwise one keeps its input's. A shuffle block takes its
 second half from the second half of the stored tensor (kept so by construction), and its output
 is one concatenation of slices of its input and of the new half, arranged so that the next
-block's halves are contiguous again: 4 to 15 slices a block for the 40-320 channel branches,
+block's halves are contiguous again: 4 to 14 slices a block for the 40-320 channel branches,
 all in one copy, as much as the concatenation a block needs anyway. Nothing is approximated:
 only the order in which each convolution sums its inputs changes (outputs equal to 1e-5,
 tests/test_ports_tinypose.py). Nearest upsampling is written as ``F.interpolate`` here, which
@@ -47,7 +48,8 @@ def reordered_conv(conv: Conv, src: Order = None, dst: Order = None) -> Conv:
     ``dst``. A depthwise conv writes in the order it reads (``dst`` must be None)."""
     weight, bias = conv.weight.detach(), conv.bias.detach()
     depthwise = conv.groups > 1
-    if depthwise and (conv.groups != conv.in_channels or dst is not None):
+    if depthwise and (not conv.groups == conv.in_channels == conv.out_channels
+                      or dst is not None):
         raise ValueError("only depthwise convs (groups = channels) keep their input's order")
     if src is not None:
         index = torch.as_tensor(src)
@@ -82,7 +84,7 @@ def reordered_chain(blocks: nn.Sequential, src: Order, dst: Order) -> nn.Sequent
                            for k, b in enumerate(blocks)))
 
 
-def runs(sources: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+def concat_slices(sources: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     """``(tensor, start, stop)`` slices that give ``sources`` (a ``(tensor, channel)`` per
     output channel) in one concatenation: consecutive channels of one tensor share a slice."""
     slices: list[list[int]] = []
@@ -94,7 +96,8 @@ def runs(sources: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     return [(t, start, stop) for t, start, stop in slices]
 
 
-def stored(order: Order, channels: int) -> np.ndarray:
+def explicit_order(order: Order, channels: int) -> np.ndarray:
+    """``order`` as an array (the original order for None)."""
     return np.arange(channels) if order is None else np.asarray(order)
 
 
@@ -105,7 +108,7 @@ class UnshuffledBlock(nn.Module):
     def __init__(self, block: ShuffleBlock, order: Order) -> None:
         super().__init__()
         half = block.pw1.in_channels
-        order = stored(order, 2 * half)
+        order = explicit_order(order, 2 * half)
         if set(order[half:].tolist()) != set(range(half, 2 * half)):
             raise ValueError("the stored order must keep the second half in the second half")
         self.half = half
@@ -120,7 +123,7 @@ class UnshuffledBlock(nn.Module):
         # so that consecutive channels of one tensor make one slice.
         self.order = np.array(sorted(range(2 * half),
                                      key=lambda c: (c >= half, *sources[c])))
-        self.slices = runs([sources[c] for c in self.order])
+        self.slices = concat_slices([sources[c] for c in self.order])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         new = self.pw2(self.dw(self.pw1(x[:, self.half:])))
@@ -157,8 +160,9 @@ class NearestUpsample(nn.Module):
 
 
 class UnshuffledFuse(nn.Module):
-    """A :class:`Fuse` whose row ``i`` reads and writes branch ``i``'s stored order (its own
-    branch's term is that tensor itself)."""
+    """A :class:`Fuse` in stored orders: row ``i``'s term from branch ``j`` reads branch
+    ``j``'s order and writes branch ``i``'s, so that the row's sum (and the output) is in
+    branch ``i``'s order, as is its own term, branch ``i``'s tensor itself."""
 
     def __init__(self, fuse: Fuse, orders: list[Order]) -> None:
         super().__init__()

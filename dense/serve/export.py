@@ -94,9 +94,9 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = Non
     :func:`export_size` fixes them.
     """
     # A trace follows the module's code, and code may branch on the memory format (TinyPose's
-    # interleave does): the NCHW module is exported whatever format it is served in, so that
-    # one model always gives one graph. TinyPose's channels_last trace (147 Transposes more)
-    # took 1.4-1.7× as long in OpenVINO (fp32). Each tensor gets its own storage back after
+    # interleave did: its channels_last trace had 147 Transposes more and took 1.4-1.7× as long
+    # in OpenVINO): the NCHW module is exported whatever format it is served in, so that one
+    # model always gives one graph. Each tensor gets its own storage back after
     # (parameters and buffers: MOSAIC's weights are buffers), so the model is briefly NCHW and
     # must not be running elsewhere meanwhile (serving exports a model before it publishes it).
     if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
@@ -117,7 +117,7 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int] | None = Non
 
 # The forms an export traces instead of the module, per architecture ("module:class", built
 # from the module): the same function, faster in the runtimes. TinyPose without its channel
-# shuffles: 16 ms → 11 at 256×192 in OpenVINO (docs/benchmarks.md).
+# shuffles: 15.4-16.0 ms → 11.0-11.4 at 256×192 in OpenVINO (docs/benchmarks.md).
 EXPORT_FORMS = {"tinypose": "dense.ports.tinypose_export:UnshuffledTinyPose"}
 
 
@@ -199,11 +199,17 @@ def code_digest(model: nn.Module) -> str:
     still needs :data:`EXPORT_VERSION` raised."""
     # dense's own classes only (torch's are keyed by its version), their bases included; and
     # the graph description the TFLite and TF.js ports are built from, which is no weight.
-    modules = {*model.modules(), *export_module(model).modules()}
-    classes = {c for m in modules for c in type(m).__mro__ if c.__module__.startswith("dense.")}
+    classes = {c for m in model.modules() for c in type(m).__mro__
+               if c.__module__.startswith("dense.")}
+    names = {c.__module__ for c in classes}
+    form = EXPORT_FORMS.get(getattr(model, "config", {}).get("architecture"))
+    if form:  # the module the export traces instead: its file (building it took 0.2 s)
+        module = form.split(":")[0]
+        importlib.import_module(module)  # so that sys.modules has it below
+        names.add(module)
     digest = hashlib.sha256(json.dumps(getattr(model, "config", {}).get("arch_args"),
                                        sort_keys=True, default=str).encode())
-    for name in sorted({c.__module__ for c in classes}):
+    for name in sorted(names):
         path = getattr(sys.modules.get(name), "__file__", None)
         try:
             digest.update(_file_digest(path) if path else name.encode())
