@@ -233,13 +233,23 @@ def onnxruntime_peer(model_id: str, model: torch.nn.Module, x: torch.Tensor,
         import onnxruntime  # noqa: F401 - only whether it is installed
     except ImportError:
         return None
-    from dense.serve.export import export_onnx, export_size, onnx_cache_path, ort_session
+    from dense.serve.export import (
+        export_onnx,
+        export_size,
+        onnx_cache_path,
+        ort_session,
+        prune_exports,
+    )
 
     size = export_size(model, tuple(x.shape[-2:]))
     # At the size the app serves, the same file the app runs; another size gets its own.
-    path = onnx_cache_path(model, None if size == served_size(model.config) else size)
+    at = None if size == served_size(model.config) else size
+    path = onnx_cache_path(model, at)
     if not path.is_file():
-        export_onnx(zoo.load(model_id, device="cpu"), path, size)
+        partial = path.with_suffix(".partial")
+        export_onnx(zoo.load(model_id, device="cpu"), partial, size)
+        partial.replace(path)  # atomic, as in dense.serve.export.export_forward
+    prune_exports(model, at)
     session = ort_session(path, threads, spinning=True)  # the runtime's own defaults
     feed = {"image": x.cpu().numpy()}
     return lambda: session.run(None, feed)

@@ -123,3 +123,30 @@ def test_onnxruntime_threads_spin_within_calls_for_photo_only_graphs(
     assert spinning == ("1" if within else "0")
     if within:
         assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
+def test_old_exports_are_pruned_newest_used_kept(monkeypatch, tmp_path: Path) -> None:
+    """Each version of a model's weights or code writes a new export: the cache keeps the
+    current one and the most recently used others of the same model and size, nothing else."""
+    import os
+
+    from dense.serve import export
+
+    monkeypatch.setenv("DENSE_PACKAGE_CACHE", str(tmp_path))
+    model = torch.nn.Conv2d(3, 2, 1)
+    model.config = {"id": "tiny", "sha256": {"model.safetensors": "ab" * 32}}
+    current = export.onnx_cache_path(model)
+    folder = current.parent
+    folder.mkdir(parents=True)
+    old = [folder / f"tiny-{k:016x}-0123abcd-v3-torch2.9.0.onnx" for k in range(4)]
+    old.append(folder / "tiny-cdcdcdcdcdcdcdcd-v2-torch2.9.0.failed")  # an older key format
+    others = [folder / "tiny-abababababababab-64x64-0123abcd-v4-torch2.9.0.onnx",  # a size
+              folder / "tiny-x2-abababababababab-0123abcd-v4-torch2.9.0.onnx",  # a model
+              folder / "tiny-notes.txt"]
+    for age, path in enumerate([current, *old, *others]):
+        path.write_text("x")
+        os.utime(path, (1000 - age, 1000 - age))  # current the oldest by its time
+    removed = export.prune_exports(model, keep=3)
+    assert sorted(removed) == sorted(old[2:])
+    assert current.is_file() and current.stat().st_mtime > 1000  # marked as just used
+    assert all(p.is_file() for p in [*old[:2], *others])

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import hashlib
 import importlib
 import json
 import os
+import re
 import sys
 import threading
 import warnings
@@ -229,6 +231,34 @@ def onnx_cache_path(model: nn.Module, size: tuple[int, int] | None = None) -> Pa
             f"-v{EXPORT_VERSION}-torch{torch.__version__.split('+')[0]}.onnx")
 
 
+# Exports kept per model and input size, the most recently used: each change of the weights,
+# the model's code (code_digest), the exporter or torch writes a new file, and none was ever
+# removed (this machine's cache had grown to 132 files, 1.2 GB). More than one, so that two
+# versions of dense sharing a cache (two checkouts) do not export in turn.
+KEEP_EXPORTS = 3
+
+
+def prune_exports(model: nn.Module, size: tuple[int, int] | None = None,
+                  keep: int = KEEP_EXPORTS) -> list[Path]:
+    """Mark the model's current export (:func:`onnx_cache_path`) as just used, and remove the
+    cached exports and remembered failures of the same model and size beyond the ``keep`` most
+    recently used (the current one always kept). Returns the removed paths."""
+    current = onnx_cache_path(model, size)
+    if current.is_file():
+        os.utime(current)
+    name = Path(model.config.get("id", "model")).name
+    at = f"-{size[0]}x{size[1]}" if size else ""
+    ours = re.compile(rf"{re.escape(name)}-(?:[0-9a-z]{{16}}|unversioned){re.escape(at)}"
+                      rf"(?:-[0-9a-f]{{8}})?-v\d+-torch[^-]+\.(?:onnx|failed)")
+    cached = [p for p in current.parent.glob(f"{glob.escape(name)}-*")
+              if ours.fullmatch(p.name) and p.with_suffix("") != current.with_suffix("")]
+    removed = []
+    for path in sorted(cached, key=lambda p: p.stat().st_mtime, reverse=True)[keep - 1:]:
+        path.unlink(missing_ok=True)  # another process may have removed it first
+        removed.append(path)
+    return removed
+
+
 # Architectures served to photos only, never to a live stream, whose onnxruntime threads
 # busy-wait within a call (and stop at its end): MOSAIC's ~200 ops took 10-40% longer with its
 # threads falling asleep between them; YOLOX (the group photo's person boxes) 11.6-11.9 ms
@@ -395,6 +425,7 @@ def export_forward(model: nn.Module, runtime: str = "onnxruntime"
             partial.unlink(missing_ok=True)
             raise
         partial.replace(path)  # atomic: a half-written export is never used
+    prune_exports(model)
     run = _runner(runtime, path, torch.get_num_threads(), size, ort_spinning(model.config))
     x = example_input(model, size=size)
     with torch.inference_mode():
