@@ -150,3 +150,20 @@ def test_old_exports_are_pruned_newest_used_kept(monkeypatch, tmp_path: Path) ->
     assert sorted(removed) == sorted(old[2:])
     assert current.is_file() and current.stat().st_mtime > 1000  # marked as just used
     assert all(p.is_file() for p in [*old[:2], *others])
+
+
+def test_pruning_leaves_a_read_only_cache_alone(monkeypatch, tmp_path: Path) -> None:
+    from dense.serve import export
+
+    monkeypatch.setenv("DENSE_PACKAGE_CACHE", str(tmp_path))
+    model = torch.nn.Conv2d(3, 2, 1)
+    model.config = {"id": "tiny", "sha256": {"model.safetensors": "ab" * 32}}
+    current = export.onnx_cache_path(model)
+    current.parent.mkdir(parents=True)
+    current.write_text("x")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(export.os, "utime", refuse)
+    assert export.prune_exports(model) == [] and current.is_file()

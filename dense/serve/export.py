@@ -242,10 +242,14 @@ def prune_exports(model: nn.Module, size: tuple[int, int] | None = None,
                   keep: int = KEEP_EXPORTS) -> list[Path]:
     """Mark the model's current export (:func:`onnx_cache_path`) as just used, and remove the
     cached exports and remembered failures of the same model and size beyond the ``keep`` most
-    recently used (the current one always kept). Returns the removed paths."""
+    recently used (the current one always kept). Returns the removed paths. Best effort: a
+    cache this process may read but not write (a shared, read-only one) is left as it is."""
     current = onnx_cache_path(model, size)
-    if current.is_file():
-        os.utime(current)
+    try:
+        if current.is_file():
+            os.utime(current)
+    except OSError:
+        return []
     name = Path(model.config.get("id", "model")).name
     at = f"-{size[0]}x{size[1]}" if size else ""
     ours = re.compile(rf"{re.escape(name)}-(?:[0-9a-z]{{16}}|unversioned){re.escape(at)}"
@@ -254,7 +258,10 @@ def prune_exports(model: nn.Module, size: tuple[int, int] | None = None,
               if ours.fullmatch(p.name) and p.with_suffix("") != current.with_suffix("")]
     removed = []
     for path in sorted(cached, key=lambda p: p.stat().st_mtime, reverse=True)[keep - 1:]:
-        path.unlink(missing_ok=True)  # another process may have removed it first
+        try:
+            path.unlink(missing_ok=True)  # another process may have removed it first
+        except OSError:
+            continue
         removed.append(path)
     return removed
 
