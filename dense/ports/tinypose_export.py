@@ -147,12 +147,12 @@ class UnshuffledStem(nn.Module):
         return torch.cat([self.branch1(a), self.branch2(self.expand(b))], 1)
 
 
-class NearestUpsample(nn.Module):
+class NearestUpsample(Upsample):
     """:class:`Upsample` with ``F.interpolate``'s nearest upsampling, which OpenVINO fuses with
     the add that follows (PyTorch's eager path keeps ``add_upsampled``, faster there)."""
 
     def __init__(self, conv: Conv, factor: int) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # the conv is given, not built
         self.conv, self.factor = conv, factor
 
     def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -179,20 +179,8 @@ class UnshuffledFuse(nn.Module):
                     terms.append(reordered_chain(layer, orders[j], orders[i]))
             self.rows.append(terms)
 
-    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        # The same sums as Fuse.forward, with its two quirks (see dense.ports.tinypose).
-        x0 = xs[0]
-        out = []
-        for i, row in enumerate(self.rows):
-            y = row[0](x0)
-            y = y + y
-            for j in range(1, len(xs)):
-                term = row[j]
-                y = term.add_to(y, xs[j]) if isinstance(term, NearestUpsample) else y + term(xs[j])
-            if i == 0:
-                x0 = y
-            out.append(F.relu(y))
-        return out
+    # The same sums, with its two quirks (see dense.ports.tinypose): the rows' terms differ.
+    forward = Fuse.forward
 
 
 class UnshuffledModule(nn.Module):
@@ -211,8 +199,7 @@ class UnshuffledModule(nn.Module):
         self.orders = list(orders)  # the fuse keeps each branch's order
         self.fuse = UnshuffledFuse(module.fuse, self.orders)
 
-    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self.fuse([branch(x) for branch, x in zip(self.branches, xs, strict=True)])
+    forward = HRModule.forward
 
 
 class UnshuffledTinyPose(nn.Module):
@@ -256,13 +243,4 @@ class UnshuffledTinyPose(nn.Module):
             for k, p in enumerate(head.projects))
         return copy
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem((x - self.mean) * self.inv_std)
-        first, second = self.transitions[0]
-        xs = [first(x), second(x)]
-        for s, stage in enumerate(self.stages):
-            if s > 0:
-                xs = [*xs, self.transitions[s][0](xs[-1])]
-            for module in stage:
-                xs = module(xs)
-        return self.final(self.head(xs))
+    forward = TinyPose.forward  # the same network walk: only the parts differ
